@@ -1,0 +1,134 @@
+"""A directory on a local disk or an NFS mount.
+
+``write_once`` writes a temp file inside the store's own tree (``.tmp/``, same file system),
+fsyncs it, then ``os.link``s it to its final name. ``link`` fails if the name exists, atomically,
+on local file systems and on NFS alike; fsspec's ``mode="create"`` is check-then-write and races.
+A writer killed at any point leaves at most an orphan in ``.tmp/``, never a partial value.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from dagger_store.backends.base import Buffer, check_key
+from dagger_store.errors import BackendError, NotFoundError
+
+_TMP = ".tmp"
+# Objects are immutable, so read-only; and readable by whoever the umask allows (mkstemp's 0600
+# would hide a shared lab store's objects from colleagues). Read once: os.umask only swaps.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_OBJECT_MODE = 0o444 & ~_UMASK
+
+
+class LocalBackend:
+    """Values as files under ``root``; the root must already exist."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.url = f"file://{self.root}"
+        self._tmp = self.root / _TMP
+
+    @contextmanager
+    def _translated(self, key: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"no such key {key!r} in {self.url}", key=key) from exc
+        except PermissionError as exc:
+            raise BackendError(
+                f"permission denied on {key!r} in {self.url}: {exc.strerror}; check the owner "
+                "and mode of the store folder",
+                key=key,
+            ) from exc
+        except OSError as exc:
+            raise BackendError(f"{self.url} failed on {key!r}: {exc}", key=key) from exc
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def read(self, key: str) -> bytes:
+        path = self._path(key)
+        with self._translated(key):
+            return path.read_bytes()
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> int:
+        path = self._path(key)
+        with self._translated(key), open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            filled = 0
+            while filled < len(out):
+                n = f.readinto(out[filled:])
+                if not n:
+                    break
+                filled += n
+            return filled
+
+    def write_once(self, key: str, *parts: Buffer) -> bool:
+        path = self._path(key)
+        with self._translated(key):
+            if path.exists():  # cheap fast path; the link below is what decides
+                return False
+            self._tmp.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self._tmp)
+            try:
+                with open(fd, "wb", buffering=0) as f:
+                    os.fchmod(f.fileno(), _OBJECT_MODE)
+                    for part in parts:
+                        _write_all(f.fileno(), memoryview(part))
+                    os.fsync(f.fileno())
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                _fsync_dir(path.parent)
+                return True
+            finally:
+                os.unlink(tmp)
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        return [self._path(key).exists() for key in keys]
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        if prefix:
+            check_key(prefix.rstrip("/"))
+        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        with self._translated(prefix):
+            for dirpath, dirnames, filenames in os.walk(start):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                rel = Path(dirpath).relative_to(self.root).as_posix()
+                base = "" if rel == "." else rel + "/"
+                for name in sorted(filenames):
+                    key = base + name
+                    if key.startswith(prefix) and not name.startswith("."):
+                        yield key
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    # os.write may write less than asked (large buffers, signals); loop without copying.
+    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _fsync_dir(path: Path) -> None:
+    # The link is durable only once its directory entry is; some file systems (NFS) refuse
+    # to open or fsync a directory, which is then the server's job.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)

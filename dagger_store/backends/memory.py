@@ -1,0 +1,63 @@
+"""In-process backend: a dict behind a lock. ``memory://NAME`` opens the same one per process."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import ClassVar
+
+from dagger_store.backends.base import Buffer, check_key
+from dagger_store.errors import NotFoundError
+
+
+class MemoryBackend:
+    """Values in a dict; ``write_once`` is atomic under a lock."""
+
+    _named: ClassVar[dict[str, MemoryBackend]] = {}
+    _named_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._values: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def named(cls, name: str) -> MemoryBackend:
+        """The process-wide backend called ``name`` (like fsspec's memory filesystem)."""
+        with cls._named_lock:
+            if name not in cls._named:
+                cls._named[name] = cls(f"memory://{name}")
+            return cls._named[name]
+
+    def read(self, key: str) -> bytes:
+        check_key(key)
+        try:
+            return self._values[key]
+        except KeyError:
+            raise NotFoundError(f"no such key {key!r} in {self.url}", key=key) from None
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> int:
+        value = self.read(key)
+        n = max(0, min(len(out), len(value) - offset))
+        out[:n] = value[offset : offset + n]
+        return n
+
+    def write_once(self, key: str, *parts: Buffer) -> bool:
+        check_key(key)
+        data = b"".join(parts)
+        with self._lock:
+            if key in self._values:
+                return False
+            self._values[key] = data
+            return True
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        for key in keys:
+            check_key(key)
+        with self._lock:
+            return [key in self._values for key in keys]
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        with self._lock:
+            keys = sorted(k for k in self._values if k.startswith(prefix))
+        yield from keys

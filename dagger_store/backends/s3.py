@@ -1,0 +1,312 @@
+"""An S3 bucket (or a prefix in one), over s3fs.
+
+Invariants, on top of those of ``backends.base``:
+
+- ``write_once`` is one conditional PUT (``If-None-Match: *``): S3 itself decides the single
+  winner, atomically; there is no check-then-write window. A 412 (PreconditionFailed) means
+  another writer has the key: False. A 409 (ConditionalRequestConflict: another conditional write
+  of the key is in flight, and may still fail) is retried with backoff until it settles.
+- ``exists_many`` is one concurrent round of HEADs (at most ``MAX_IN_FLIGHT`` at once), never
+  ``fs.exists``: a miss there costs HEAD + LIST and may be answered from a stale listing cache.
+- Every key is checked by ``check_key`` before any request; errors are translated once, in
+  ``_translated``, and messages never contain credentials.
+
+S3 quirks relied on:
+
+- HEAD responses have no body, so a 404 does not say whether the key or the bucket is missing;
+  ``open_s3_backend`` checks the bucket once so that a 404 later means "no such key".
+- Without ``s3:ListBucket`` permission S3 answers 403, not 404, for a missing key: a 403 is an
+  error, never "absent".
+- A Range starting at or past the end of an object is refused with 416 (InvalidRange), even on an
+  empty object: that is zero bytes read, not an error.
+- botocore refuses a memoryview as a request body, so a lone memoryview part is copied once.
+- A retried conditional PUT whose first attempt landed reads as 412: False, yet the value is ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import aiohttp
+import botocore.exceptions  # type: ignore[import-untyped]
+import s3fs
+from fsspec.asyn import sync
+
+from dagger_store.backends.base import Buffer, check_key
+from dagger_store.errors import BackendError, InvalidKeyError, NotFoundError, StoreOpenError
+
+MAX_IN_FLIGHT = 64
+
+_TAKEN = {"PreconditionFailed", "412"}
+_IN_FLIGHT_ELSEWHERE = {"ConditionalRequestConflict", "409"}
+_CONFLICT_RETRIES = 8
+_DENIED = (
+    PermissionError,
+    botocore.exceptions.NoCredentialsError,
+    botocore.exceptions.PartialCredentialsError,
+)
+_UNREACHABLE = (
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+    aiohttp.ClientConnectionError,
+    TimeoutError,
+)
+_FAILED = (
+    OSError,
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    aiohttp.ClientError,
+)
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP_ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+")
+
+
+class S3Backend:
+    """Values as objects under ``root`` ("bucket" or "bucket/prefix"), through ``fs``."""
+
+    list_page_size = 1000  # keys per LIST request; 1000 is S3's maximum
+
+    def __init__(self, fs: s3fs.S3FileSystem, root: str) -> None:
+        bucket, _, prefix = root.partition("/")
+        if not bucket or root.endswith("/"):
+            raise ValueError(
+                f"S3 root is 'bucket' or 'bucket/prefix' without a final '/': {root!r}"
+            )
+        self.fs = fs
+        self.root = root
+        self.url = f"s3://{root}"
+        self._bucket = bucket
+        self._prefix = prefix + "/" if prefix else ""
+
+    @contextmanager
+    def _translated(self, key: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError as exc:
+            if _s3_code(exc) == "NoSuchBucket":
+                raise BackendError(
+                    f"bucket {self._bucket!r} of {self.url} does not exist (any more); "
+                    "create it or fix the store URL",
+                    key=key,
+                ) from exc
+            raise NotFoundError(f"no such key {key!r} in {self.url}", key=key) from exc
+        except _DENIED as exc:
+            raise BackendError(
+                f"S3 refused access to {key!r} in {self.url} ({_describe(exc, self.fs)}); check "
+                "the credentials (storage_options key/secret/token or profile, AWS_* variables) "
+                "and that they may get, put and list objects in this bucket (without "
+                "s3:ListBucket, S3 answers 403 for a missing key)",
+                key=key,
+            ) from exc
+        except _FAILED as exc:
+            raise BackendError(
+                f"{self.url} failed on {key!r}: {_describe(exc, self.fs)}", key=key
+            ) from exc
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{check_key(key)}"
+
+    def read(self, key: str) -> bytes:
+        path = self._path(key)
+        with self._translated(key):
+            # max_concurrency=1: one GET, not a HEAD for the size and then ranged GETs.
+            data: bytes = self.fs.cat_file(path, max_concurrency=1)
+            return data
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> int:
+        path = self._path(key)
+        if offset < 0:
+            raise ValueError(f"read_into needs an offset >= 0, got {offset}")
+        out = out.cast("B") if out.format != "B" or out.ndim != 1 else out
+        if not out:
+            # An empty Range is invalid and S3 ignores invalid Ranges (it sends the whole object).
+            if not self.exists_many([key])[0]:
+                raise NotFoundError(f"no such key {key!r} in {self.url}", key=key)
+            return 0
+        with self._translated(key):
+            try:
+                data = self.fs.cat_file(path, start=offset, end=offset + len(out))
+            except OSError as exc:
+                if _s3_code(exc) == "InvalidRange":
+                    return 0
+                raise
+        out[: len(data)] = data
+        return len(data)
+
+    def write_once(self, key: str, *parts: Buffer) -> bool:
+        path = self._path(key)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if not isinstance(data, bytes | bytearray):
+            data = bytes(data)
+        with self._translated(key):
+            for attempt in range(_CONFLICT_RETRIES):
+                try:
+                    self.fs.pipe_file(path, data, mode="create")
+                    return True
+                except FileExistsError:
+                    return False
+                except OSError as exc:
+                    code = _s3_code(exc)
+                    if code in _TAKEN:
+                        return False
+                    # 409: another conditional write of this key is in flight and may yet
+                    # fail, so "taken" would be a guess; ask again once it has settled.
+                    if code not in _IN_FLIGHT_ELSEWHERE or attempt == _CONFLICT_RETRIES - 1:
+                        raise
+                    time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        for key in keys:
+            check_key(key)
+        if not keys:
+            return []
+        try:
+            found: list[bool] = sync(self.fs.loop, self._exists_all, keys)
+        except BaseExceptionGroup as group:  # TaskGroup: the first failure cancelled the rest
+            raise group.exceptions[0] from None
+        return found
+
+    async def _exists_all(self, keys: Sequence[str]) -> list[bool]:
+        in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+        async def head(key: str) -> bool:
+            async with in_flight:
+                with self._translated(key):
+                    try:
+                        await self.fs._call_s3(
+                            "head_object", Bucket=self._bucket, Key=self._prefix + key
+                        )
+                    except FileNotFoundError:
+                        return False
+                    return True
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(head(key)) for key in keys]
+        return [task.result() for task in tasks]
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        if prefix:
+            check_key(prefix.rstrip("/"))
+        request = {
+            "Bucket": self._bucket,
+            "Prefix": self._prefix + prefix,
+            "MaxKeys": self.list_page_size,
+        }
+        while True:
+            with self._translated(prefix):
+                page = self.fs.call_s3("list_objects_v2", **request)
+            for entry in page.get("Contents", ()):
+                key = entry["Key"][len(self._prefix) :]
+                if _is_key(key):  # skips "dir/" placeholders and foreign names
+                    yield key
+            if not page.get("IsTruncated"):
+                return
+            request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def open_s3_backend(url: str, storage_options: Mapping[str, Any]) -> S3Backend:
+    """Open ``s3://bucket[/prefix]`` as a backend, checking that the bucket is reachable.
+
+    Parameters
+    ----------
+    url
+        ``s3://bucket`` or ``s3://bucket/some/prefix``.
+    storage_options
+        Keyword arguments of ``s3fs.S3FileSystem`` (``endpoint_url``, ``key``, ``secret``, ...).
+        Listing and instance caches are off unless set here.
+
+    Raises
+    ------
+    StoreOpenError
+        A malformed URL or bucket name, a missing bucket, refused credentials or an unreachable
+        endpoint; the message says which and what to do.
+    """
+    bucket, prefix = _parse_url(url)
+    options = {"use_listings_cache": False, "skip_instance_cache": True, **storage_options}
+    config = {"max_pool_connections": MAX_IN_FLIGHT, **(options.get("config_kwargs") or {})}
+    options["config_kwargs"] = config  # a pool of 10 (botocore's default) would cap exists_many
+    fs = s3fs.S3FileSystem(**options)
+    endpoint = options.get("endpoint_url") or "the default AWS S3 endpoint"
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError as exc:
+        raise StoreOpenError(
+            f"bucket {bucket!r} does not exist at {endpoint}: create it (for example "
+            f"`aws s3 mb s3://{bucket}`) or fix the bucket name in {url!r}",
+            url=url,
+        ) from exc
+    except _DENIED as exc:
+        raise StoreOpenError(
+            f"{endpoint} refused the credentials for bucket {bucket!r} ({_describe(exc, fs)}): "
+            "check storage_options key/secret/token or profile, the AWS_* environment "
+            "variables, and that they may access this bucket",
+            url=url,
+        ) from exc
+    except _UNREACHABLE as exc:
+        raise StoreOpenError(
+            f"cannot reach {endpoint} to open bucket {bucket!r} ({_describe(exc, fs)}): check "
+            "endpoint_url in storage_options, that the server is running, and the network",
+            url=url,
+        ) from exc
+    except _FAILED as exc:
+        raise StoreOpenError(
+            f"{endpoint} failed to open bucket {bucket!r}: {_describe(exc, fs)}", url=url
+        ) from exc
+    return S3Backend(fs, f"{bucket}/{prefix}" if prefix else bucket)
+
+
+def _parse_url(url: str) -> tuple[str, str]:
+    if not url.startswith("s3://"):
+        raise StoreOpenError(f"not an S3 URL (expected s3://bucket[/prefix]): {url!r}", url=url)
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if "@" in bucket:
+        redacted = "s3://***@" + bucket.rpartition("@")[2]
+        raise StoreOpenError(
+            f"credentials do not belong in the URL {redacted!r}; pass them in storage_options",
+            url=redacted,
+        )
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket or _IP_ADDRESS.fullmatch(bucket):
+        raise StoreOpenError(
+            f"invalid S3 bucket name {bucket!r} in {url!r}: use 3-63 lowercase letters, digits, "
+            "'.' and '-', starting and ending with a letter or digit",
+            url=url,
+        )
+    prefix = prefix.removesuffix("/")
+    if prefix:
+        try:
+            check_key(prefix)
+        except InvalidKeyError as exc:
+            raise StoreOpenError(f"invalid prefix in {url!r}: {exc}", url=url) from exc
+    return bucket, prefix
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    # s3fs turns botocore's ClientError into an OSError and keeps the original as __cause__.
+    for error in (exc, exc.__cause__):
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            return str(code) if code is not None else None
+    return None
+
+
+def _describe(exc: BaseException, fs: s3fs.S3FileSystem) -> str:
+    text = str(exc) or type(exc).__name__
+    for secret in (fs.key, fs.secret, fs.token):
+        if isinstance(secret, str) and secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _is_key(key: str) -> bool:
+    try:
+        check_key(key)
+    except InvalidKeyError:
+        return False
+    return True

@@ -1,0 +1,401 @@
+"""Store: the facade over one backend. Commit protocol, batching, verification; no I/O details.
+
+Layout under the backend root::
+
+    dagger-store              format marker (see open.py)
+    v1/blobs/ab/<hex>         blob objects (codecs.py): leaves, and indexes of chunked blobs
+    v1/manifests/ab/<hex>     manifests, by node key (manifest.py)
+
+Invariants:
+
+- Blobs are immutable and named by the digest of their uncompressed bytes; content that exists
+  is never written again. Every byte read is verified against its digest before it is returned.
+- A chunked blob's index is written only after all its leaves: an index implies its leaves.
+- Commit order: every blob a manifest names is durable before the manifest is written, once
+  (first writer wins). A manifest counts only when every blob it names exists, so a crash
+  between blobs and manifest, or a lost blob, is a miss and never a hit with holes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from dagger_store import codecs
+from dagger_store.backends.base import Backend, SupportsReadInto
+from dagger_store.codecs import HEADER_SIZE, Codec, Compressor
+from dagger_store.digest import (
+    ALGORITHM,
+    LEAF_SIZE,
+    Digest,
+    leaf_digest,
+    leaf_views,
+    tree_digest,
+)
+from dagger_store.errors import (
+    IncompleteManifestError,
+    IntegrityError,
+    NotFoundError,
+    StoreError,
+)
+from dagger_store.keys import NodeKey
+from dagger_store.manifest import Manifest
+
+LAYOUT = "v1"
+BLOBS = f"{LAYOUT}/blobs/"
+MANIFESTS = f"{LAYOUT}/manifests/"
+# Below this size a conditional write is cheaper than asking first whether the blob exists.
+_ASK_FIRST_ABOVE = 256 * 1024
+# Below this size one whole read beats a header read plus a payload read.
+_READ_INTO_ABOVE = 1024 * 1024
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """The outcome of ``Store.commit``: the manifest now stored under ``key``.
+
+    ``won`` is False when another writer committed first; ``manifest`` is then theirs.
+    """
+
+    key: NodeKey
+    manifest: Manifest
+    won: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What ``Store.verify`` checked and every problem it found (empty when the store is sound)."""
+
+    blobs: int
+    manifests: int
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class Store:
+    """Content-addressed blobs plus write-once manifests over one backend.
+
+    Parameters
+    ----------
+    backend
+        Where bytes live (``dagger_store.backends``); usually made by ``open_store(url)``.
+    workers
+        Threads that hash, compress and move leaves in parallel (blake3, zstd and file I/O
+        release the GIL). Default: 4 or the number of cores, whichever is more.
+    compression_level
+        zstd level for blobs where compression pays; 0 stores everything raw.
+    """
+
+    def __init__(
+        self, backend: Backend, *, workers: int | None = None, compression_level: int = 3
+    ) -> None:
+        self.backend = backend
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers or max(4, os.cpu_count() or 1), thread_name_prefix="dagger-store"
+        )
+        self._compressor = Compressor(compression_level)
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    def put(self, data: Any) -> Digest:
+        """Store a bytes-like value (bytes, bytearray, memoryview, numpy array); return its Digest.
+
+        C-contiguous buffers are read in place, never copied. A value larger than one leaf
+        (``digest.LEAF_SIZE``) is hashed, compressed and written leaf by leaf in parallel.
+        """
+        view = _byte_view(data)
+        compress = self._compressor.pays_off(view)
+        leaves = leaf_views(view)
+        if len(leaves) == 1:
+            return self._put_leaf(view, compress)
+        digests = self._map(lambda leaf: self._put_leaf(leaf, compress), leaves)
+        top = tree_digest(len(view), digests)
+        self.backend.write_once(_blob_key(top), codecs.encode_index(top.size, digests))
+        return top
+
+    def _put_leaf(self, leaf: memoryview, compress: bool) -> Digest:
+        digest = leaf_digest(leaf)
+        key = _blob_key(digest)
+        if len(leaf) > _ASK_FIRST_ABOVE and self.backend.exists_many([key])[0]:
+            return digest
+        head, payload = self._compressor.encode_leaf(leaf, compress)
+        self.backend.write_once(key, head, payload)
+        return digest
+
+    def get(self, digest: Digest) -> bytes:
+        """The verified bytes of a blob. For large arrays prefer ``get_into`` (no extra copy)."""
+        _check_digest(digest)
+        if not digest.is_chunked:
+            data = self._read(digest)
+            codec = codecs.read_header(data, _blob_key(digest))
+            return self._decode_leaf(codec, memoryview(data)[HEADER_SIZE:], digest)
+        out = bytearray(digest.size)
+        self.get_into(digest, out)
+        return bytes(out)
+
+    def get_into(self, digest: Digest, out: Any) -> None:
+        """Fill a writable buffer of exactly ``digest.size`` bytes (e.g. ``np.empty``) in place.
+
+        On IntegrityError the buffer's contents are unspecified: never use them.
+        """
+        _check_digest(digest)
+        target = _byte_view(out, writable=True)
+        if len(target) != digest.size:
+            raise ValueError(
+                f"get_into needs a buffer of exactly {digest.size} bytes for {digest}, "
+                f"got {len(target)}"
+            )
+        if not digest.is_chunked:
+            self._read_leaf_into(digest, target)
+            return
+        leaves = self._read_index(digest)
+        parts = leaf_views(target)
+        self._map(lambda pair: self._read_leaf_into(*pair), list(zip(leaves, parts, strict=True)))
+
+    def has_blobs(self, digests: Sequence[Digest]) -> list[bool]:
+        """Whether each blob is stored, in one batched round."""
+        for digest in digests:
+            _check_digest(digest)
+        return self.backend.exists_many([_blob_key(d) for d in digests])
+
+    def _read(self, digest: Digest) -> bytes:
+        key = _blob_key(digest)
+        try:
+            return self.backend.read(key)
+        except NotFoundError as exc:
+            raise NotFoundError(f"no blob {digest} in {self.url}", key=key) from exc
+
+    def _read_index(self, digest: Digest) -> list[Digest]:
+        key = _blob_key(digest)
+        data = self._read(digest)
+        if codecs.read_header(data, key) is not Codec.INDEX:
+            raise IntegrityError(f"blob {key!r} should be a chunked index but is not", key=key)
+        stored = codecs.decode_index(memoryview(data)[HEADER_SIZE:], digest.hex, key)
+        if stored.size != digest.size:
+            raise IntegrityError(
+                f"blob {key!r} holds {stored.size} bytes where its digest says {digest.size}",
+                key=key,
+            )
+        return codecs.index_leaves(memoryview(data)[HEADER_SIZE:], digest)
+
+    def _read_leaf_into(self, digest: Digest, target: memoryview) -> None:
+        key = _blob_key(digest)
+        backend = self.backend
+        if isinstance(backend, SupportsReadInto) and digest.size > _READ_INTO_ABOVE:
+            head = bytearray(HEADER_SIZE)
+            try:
+                got = backend.read_into(key, 0, memoryview(head))
+            except NotFoundError as exc:
+                raise NotFoundError(f"no blob {digest} in {self.url}", key=key) from exc
+            if codecs.read_header(head[:got], key) is Codec.RAW:
+                # Raw leaves go straight from storage into the caller's buffer: no copy.
+                got = backend.read_into(key, HEADER_SIZE, target)
+                codecs.verify(target[:got], digest, key)
+                return
+        data = self._read(digest)
+        codec = codecs.read_header(data, key)
+        target[:] = self._decode_leaf(codec, memoryview(data)[HEADER_SIZE:], digest)
+
+    def _decode_leaf(self, codec: Codec, payload: memoryview, digest: Digest) -> bytes:
+        key = _blob_key(digest)
+        if codec is Codec.ZSTD:
+            raw = codecs.decompress(payload, digest.size, key)
+        elif codec is Codec.RAW:
+            raw = payload.tobytes()
+        else:
+            raise IntegrityError(f"blob {key!r} should be a leaf but is a {codec.name}", key=key)
+        codecs.verify(raw, digest, key)
+        return raw
+
+    # -- manifests -----------------------------------------------------------------------------
+
+    def commit(self, key: NodeKey, manifest: Manifest) -> Commit:
+        """Store ``manifest`` under ``key`` unless a manifest is there already (first writer wins).
+
+        Every blob the manifest names must already be stored (put them first): otherwise
+        IncompleteManifestError, and nothing is written.
+        """
+        _check_node_key(key)
+        missing = self._missing_blobs(manifest)
+        if missing:
+            raise IncompleteManifestError(
+                f"cannot commit {key}: {len(missing)} blob(s) it names are not in {self.url} "
+                f"({', '.join(missing[:3])}...); put every blob before committing its manifest",
+                key=str(key),
+                missing=tuple(missing),
+            )
+        if self.backend.write_once(_manifest_key(key), manifest.encode()):
+            return Commit(key, manifest, won=True)
+        return Commit(key, self.get_manifest(key), won=False)
+
+    def get_manifest(self, key: NodeKey) -> Manifest:
+        """The manifest stored under ``key``, verified and complete.
+
+        NotFoundError if there is none; IncompleteManifestError if blobs it names are missing.
+        """
+        manifest = self._read_manifest(key)
+        missing = self._missing_blobs(manifest)
+        if missing:
+            raise IncompleteManifestError(
+                f"manifest {key} in {self.url} names {len(missing)} missing blob(s) "
+                f"({', '.join(missing[:3])}...): recompute the node to repair it",
+                key=str(key),
+                missing=tuple(missing),
+            )
+        return manifest
+
+    def missing(self, keys: Iterable[NodeKey]) -> list[NodeKey]:
+        """The keys, in the given order, that have no complete manifest.
+
+        Batched: one existence round for the manifests, their reads in parallel, then one
+        existence round for every blob they name.
+        """
+        keys = list(keys)
+        for key in keys:
+            _check_node_key(key)
+        present = self.backend.exists_many([_manifest_key(k) for k in keys])
+        found = sorted({k for k, p in zip(keys, present, strict=True) if p})
+        manifests = self._map(self._read_manifest, found)
+        blob_keys = sorted({_blob_key(d) for m in manifests for d in m.blobs.values()})
+        stored = dict(zip(blob_keys, self.backend.exists_many(blob_keys), strict=True))
+        complete = {
+            k
+            for k, m in zip(found, manifests, strict=True)
+            if all(stored[_blob_key(d)] for d in m.blobs.values())
+        }
+        return [k for k in keys if k not in complete]
+
+    def manifest_keys(self) -> Iterator[NodeKey]:
+        """Every node key that has a manifest (complete or not)."""
+        for key in self.backend.iter_keys(MANIFESTS):
+            yield NodeKey(key.rsplit("/", 1)[1])
+
+    def _read_manifest(self, key: NodeKey) -> Manifest:
+        path = _manifest_key(key)
+        try:
+            data = self.backend.read(path)
+        except NotFoundError as exc:
+            raise NotFoundError(f"no manifest for node {key} in {self.url}", key=path) from exc
+        return Manifest.decode(data, key=path)
+
+    def _missing_blobs(self, manifest: Manifest) -> list[str]:
+        digests = list(manifest.blobs.values())
+        stored = self.has_blobs(digests)
+        return [str(d) for d, ok in zip(digests, stored, strict=True) if not ok]
+
+    # -- whole-store checks --------------------------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        """Re-hash every blob and check every manifest; report, never repair or raise."""
+        blob_keys = list(self.backend.iter_keys(BLOBS))
+        problems = [p for p in self._map(self._verify_object, blob_keys) if p]
+        manifest_keys = list(self.manifest_keys())
+        for key in manifest_keys:
+            try:
+                self.get_manifest(key)
+            except StoreError as exc:
+                problems.append(f"manifest {key}: {exc}")
+        return VerifyReport(len(blob_keys), len(manifest_keys), tuple(problems))
+
+    def _verify_object(self, key: str) -> str:
+        hex_ = key.rsplit("/", 1)[1]
+        try:
+            data = self.backend.read(key)
+            codec = codecs.read_header(data, key)
+            payload = memoryview(data)[HEADER_SIZE:]
+            if codec is Codec.INDEX:
+                digest = codecs.decode_index(payload, hex_, key)
+                leaves = codecs.index_leaves(payload, digest)
+                absent = [d for d, ok in zip(leaves, self.has_blobs(leaves), strict=True) if not ok]
+                if absent:
+                    return f"blob {key}: {len(absent)} of its leaves are missing"
+            else:
+                raw = payload if codec is Codec.RAW else codecs.decompress(payload, LEAF_SIZE, key)
+                codecs.verify(raw, Digest(ALGORITHM, hex_, len(raw)), key)
+        except StoreError as exc:
+            return f"blob {key}: {exc}"
+        return ""
+
+    def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        return list(self._pool.map(fn, items))
+
+
+def _blob_key(digest: Digest) -> str:
+    return f"{BLOBS}{digest.hex[:2]}/{digest.hex}"
+
+
+def _manifest_key(key: NodeKey) -> str:
+    return f"{MANIFESTS}{key.hex[:2]}/{key.hex}"
+
+
+def _check_digest(digest: object) -> None:
+    if not isinstance(digest, Digest):
+        raise TypeError(
+            f"expected a Digest (from Store.put or Digest.parse), got {type(digest).__name__}: "
+            f"{digest!r}"
+        )
+
+
+def _check_node_key(key: object) -> None:
+    if not isinstance(key, NodeKey):
+        raise TypeError(
+            f"expected a NodeKey (from dagger_store.node_key), got {type(key).__name__}: {key!r}"
+        )
+
+
+def _byte_view(data: Any, *, writable: bool = False) -> memoryview:
+    """A flat byte view of a buffer, zero-copy when it is C-contiguous."""
+    if isinstance(data, str):
+        raise TypeError("the store holds bytes, not str: encode it first (e.g. text.encode())")
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(data, np.ndarray):
+        if writable and not data.flags.writeable:
+            raise TypeError("get_into needs a writable array")
+        if writable and not data.flags.c_contiguous:
+            raise TypeError("get_into needs a C-contiguous array (e.g. np.empty(shape, dtype))")
+        # A uint8 view covers dtypes with no buffer format (datetime64) and empty shapes alike.
+        return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(
+            "expected a bytes-like object (bytes, bytearray, memoryview, numpy array), "
+            f"got {type(data).__name__}"
+        ) from None
+    if writable and view.readonly:
+        raise TypeError(f"get_into needs a writable buffer, got a read-only {type(data).__name__}")
+    if not view.c_contiguous:
+        if writable:
+            raise TypeError("get_into needs a C-contiguous buffer")
+        return memoryview(view.tobytes())  # the one copy: a strided view has no flat bytes
+    if view.nbytes == 0:
+        return memoryview(bytearray() if writable else b"")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view

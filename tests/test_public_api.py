@@ -1,0 +1,37 @@
+"""The public surface is a reviewed artefact: changing it should change this test."""
+
+from __future__ import annotations
+
+import dagger_orchestrate
+import dagger_store
+
+
+def test_dagger_store_public_names() -> None:
+    assert sorted(dagger_store.__all__) == sorted(
+        [
+            "KEY_SCHEMA", "LEAF_SIZE", "BackendError", "Commit", "Digest", "FormatError",
+            "IncompleteManifestError", "IntegrityError", "InvalidKeyError", "Manifest",
+            "NodeKey", "NotFoundError", "Store", "StoreError", "StoreOpenError",
+            "UnencodableValueError", "VerifyReport", "canonical_encode", "node_key", "open_store",
+        ]
+    )  # fmt: skip
+    for name in dagger_store.__all__:
+        assert hasattr(dagger_store, name), name
+
+
+def test_errors_form_one_tree_with_fitting_builtins() -> None:
+    ds = dagger_store
+    for error in (
+        ds.NotFoundError, ds.IntegrityError, ds.InvalidKeyError, ds.UnencodableValueError,
+        ds.FormatError, ds.StoreOpenError, ds.BackendError, ds.IncompleteManifestError,
+    ):  # fmt: skip
+        assert issubclass(error, ds.StoreError)
+    assert issubclass(ds.NotFoundError, LookupError)
+    assert issubclass(ds.IntegrityError, ValueError)
+    assert issubclass(ds.IncompleteManifestError, ds.IntegrityError)
+    assert issubclass(ds.UnencodableValueError, TypeError)
+    assert issubclass(ds.BackendError, OSError)
+
+
+def test_dagger_orchestrate_has_no_public_names_yet() -> None:
+    assert dagger_orchestrate.__all__ == []
