@@ -9,11 +9,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,dev,examples]'
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/store_demo.py
+	$(PY) examples/pruning.py
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -25,11 +25,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_store.py
+	$(PY) benchmarks/bench_orchestrate.py
 
 # Re-resolve the pins after changing dependencies (then run `make test`).
 lock:
 	rm -rf /tmp/dagger-lock && $(PYTHON) -m venv /tmp/dagger-lock
-	/tmp/dagger-lock/bin/pip install --quiet -e '.[test,dev]'
+	/tmp/dagger-lock/bin/pip install --quiet -e '.[test,dev,examples]'
 	(head -2 constraints.txt; /tmp/dagger-lock/bin/pip freeze --exclude-editable) > constraints.new
 	mv constraints.new constraints.txt
 

@@ -1,7 +1,44 @@
 """dagger_orchestrate: the paper's API (ExperimentState, Recipe, Function, Experiment).
 
-Not built yet: it will resolve experiment trees against ``dagger_store`` and run what is missing
-on dask.
+Define a tree lazily, then ``exp.run()``: every node key is computed first, the store is asked
+once which exist, and only the missing nodes run, on dask::
+
+    import dagger_orchestrate as dg
+
+    exp = dg.Experiment("runs/pruning", state_class=State)
+    root = exp.spawn_new_tree(dataset_name="digits", model_name="mlp")
+    with exp.tag("lr:0.1"):
+        trained = Train(lr=0.1, nb_epochs=3)(root)
+        evaluate(trained)
+    report = exp.run()
 """
 
-__all__: list[str] = []
+from dagger_orchestrate.experiment import (
+    Experiment,
+    FunctionCall,
+    FunctionResult,
+    RunError,
+    RunReport,
+    StaleCodeWarning,
+    StatePromise,
+)
+from dagger_orchestrate.function import Function
+from dagger_orchestrate.graph import Graph, GraphNode, NodeSet
+from dagger_orchestrate.recipe import Recipe
+from dagger_orchestrate.state import ExperimentState
+
+__all__ = [
+    "Experiment",
+    "ExperimentState",
+    "Function",
+    "FunctionCall",
+    "FunctionResult",
+    "Graph",
+    "GraphNode",
+    "NodeSet",
+    "Recipe",
+    "RunError",
+    "RunReport",
+    "StaleCodeWarning",
+    "StatePromise",
+]

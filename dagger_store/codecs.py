@@ -17,7 +17,7 @@ import threading
 import zstandard
 from blake3 import blake3
 
-from dagger_store.digest import ALGORITHM, Digest, tree_digest
+from dagger_store.digest import ALGORITHM, LEAF_SIZE, Digest, tree_digest
 from dagger_store.errors import FormatError, IntegrityError
 
 MAGIC = b"DAGB"
@@ -104,6 +104,15 @@ def verify(data: bytes | memoryview, expected: Digest, key: str) -> None:
 def decompress(payload: bytes | memoryview, max_size: int, key: str) -> bytes:
     """Inflate a zstd payload of at most ``max_size`` bytes (a corrupt frame cannot balloon)."""
     try:
+        # max_output_size is ignored when the frame header states a content size, so a flipped
+        # bit there could ask for gigabytes: check the stated size first.
+        stated = zstandard.frame_content_size(payload)
+        if stated > max_size:
+            raise IntegrityError(
+                f"blob {key!r} claims {stated} bytes where at most {max_size} are possible: "
+                "corrupt",
+                key=key,
+            )
         return zstandard.ZstdDecompressor().decompress(payload, max_output_size=max_size)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"blob {key!r} is not valid zstd: {exc}", key=key) from exc
@@ -126,9 +135,10 @@ def decode_index(payload: bytes | memoryview, expected_hex: str, key: str) -> Di
     if len(payload) < 8 or (len(payload) - 8) % 32:
         raise IntegrityError(f"index {key!r} has a malformed payload: corrupt", key=key)
     size = int.from_bytes(payload[:8], "big")
-    digest = Digest(ALGORITHM, expected_hex, size)
-    if len(payload) - 8 != 32 * len(digest.leaf_sizes()):
+    # Check the count arithmetically first: a corrupt size must not build a huge list.
+    if size <= LEAF_SIZE or (len(payload) - 8) // 32 != -(-size // LEAF_SIZE):
         raise IntegrityError(f"index {key!r} names the wrong number of leaves: corrupt", key=key)
+    digest = Digest(ALGORITHM, expected_hex, size)
     if tree_digest(size, index_leaves(payload, digest)).hex != expected_hex:
         raise IntegrityError(f"index {key!r} does not match its digest: corrupt", key=key)
     return digest

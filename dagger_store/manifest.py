@@ -96,7 +96,7 @@ class Manifest:
 
 
 def _plain(value: Any, path: str) -> Any:
-    """A canonical copy of plain data (dicts sorted, tuples as lists), or a TypeError naming path."""
+    """A canonical copy of plain data (dicts sorted, tuples as lists); TypeError names the path."""
     kind = type(value)
     if value is None or kind in (bool, float, str, bytes):
         return value

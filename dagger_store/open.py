@@ -48,7 +48,7 @@ def open_store(
     workers, compression_level
         See ``Store``.
     """
-    backend = _open_backend(url, storage_options or {})
+    backend = open_backend(url, storage_options or {})
     _check_marker(backend)
     if cache_dir is not None:
         if isinstance(backend, LocalBackend | MemoryBackend):
@@ -61,7 +61,8 @@ def open_store(
     return Store(backend, workers=workers, compression_level=compression_level)
 
 
-def _open_backend(url: str | os.PathLike[str], storage_options: Mapping[str, Any]) -> Backend:
+def open_backend(url: str | os.PathLike[str], storage_options: Mapping[str, Any]) -> Backend:
+    """The bare backend at ``url`` (no store marker): for records kept beside a store."""
     text = os.fspath(url)
     scheme, sep, rest = text.partition("://")
     if not sep:

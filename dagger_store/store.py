@@ -179,10 +179,37 @@ class Store:
         self._map(lambda pair: self._read_leaf_into(*pair), list(zip(leaves, parts, strict=True)))
 
     def has_blobs(self, digests: Sequence[Digest]) -> list[bool]:
-        """Whether each blob is stored, in one batched round."""
+        """Whether each blob is stored whole, in batched rounds.
+
+        A chunked blob counts only if its index and every one of its leaves exist: one round
+        for the blobs, the indexes of the chunked ones read in parallel, one round for leaves.
+        """
         for digest in digests:
             _check_digest(digest)
-        return self.backend.exists_many([_blob_key(d) for d in digests])
+        present = self.backend.exists_many([_blob_key(d) for d in digests])
+        chunked = sorted(
+            {d for d, p in zip(digests, present, strict=True) if p and d.is_chunked},
+            key=lambda d: d.hex,
+        )
+        if not chunked:
+            return present
+        leaves = dict(zip(chunked, self._map(self._leaves_or_none, chunked), strict=True))
+        leaf_keys = sorted({_blob_key(leaf) for ls in leaves.values() for leaf in ls or ()})
+        stored = dict(zip(leaf_keys, self.backend.exists_many(leaf_keys), strict=True))
+
+        def whole(digest: Digest, indexed: bool) -> bool:
+            if not indexed or not digest.is_chunked:
+                return indexed
+            found = leaves[digest]
+            return found is not None and all(stored[_blob_key(leaf)] for leaf in found)
+
+        return [whole(d, p) for d, p in zip(digests, present, strict=True)]
+
+    def _leaves_or_none(self, digest: Digest) -> list[Digest] | None:
+        try:
+            return self._read_index(digest)
+        except StoreError:  # gone since, or corrupt: either way not stored whole
+            return None
 
     def _read(self, digest: Digest) -> bytes:
         key = _blob_key(digest)
@@ -271,7 +298,13 @@ class Store:
         return manifest
 
     def missing(self, keys: Iterable[NodeKey]) -> list[NodeKey]:
-        """The keys, in the given order, that have no complete manifest.
+        """The keys, in the given order, that have no complete manifest (see ``manifests``)."""
+        keys = list(keys)
+        found = self.manifests(keys)
+        return [k for k in keys if k not in found]
+
+    def manifests(self, keys: Iterable[NodeKey]) -> dict[NodeKey, Manifest]:
+        """The complete manifests among ``keys``; absent and incomplete ones are left out.
 
         Batched: one existence round for the manifests, their reads in parallel, then one
         existence round for every blob they name.
@@ -282,14 +315,13 @@ class Store:
         present = self.backend.exists_many([_manifest_key(k) for k in keys])
         found = sorted({k for k, p in zip(keys, present, strict=True) if p})
         manifests = self._map(self._read_manifest, found)
-        blob_keys = sorted({_blob_key(d) for m in manifests for d in m.blobs.values()})
-        stored = dict(zip(blob_keys, self.backend.exists_many(blob_keys), strict=True))
-        complete = {
-            k
+        digests = sorted({d for m in manifests for d in m.blobs.values()}, key=lambda d: d.hex)
+        stored = dict(zip(digests, self.has_blobs(digests), strict=True))
+        return {
+            k: m
             for k, m in zip(found, manifests, strict=True)
-            if all(stored[_blob_key(d)] for d in m.blobs.values())
+            if all(stored[d] for d in m.blobs.values())
         }
-        return [k for k in keys if k not in complete]
 
     def manifest_keys(self) -> Iterator[NodeKey]:
         """Every node key that has a manifest (complete or not)."""

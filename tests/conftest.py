@@ -143,3 +143,10 @@ def s3_bucket(s3_client: Any) -> str:
 def s3_url(s3_bucket: str) -> str:
     """``s3://<fresh bucket>/store``."""
     return f"s3://{s3_bucket}/store"
+
+
+# Worker processes (the "processes" scheduler, dask.distributed workers) import the recipes of
+# tests/toy_experiment.py by name, as they would a lab's own module: put tests/ on their path.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")) if p
+)

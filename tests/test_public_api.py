@@ -33,5 +33,13 @@ def test_errors_form_one_tree_with_fitting_builtins() -> None:
     assert issubclass(ds.BackendError, OSError)
 
 
-def test_dagger_orchestrate_has_no_public_names_yet() -> None:
-    assert dagger_orchestrate.__all__ == []
+def test_dagger_orchestrate_public_names() -> None:
+    assert sorted(dagger_orchestrate.__all__) == sorted(
+        [
+            "Experiment", "ExperimentState", "Function", "FunctionCall", "FunctionResult",
+            "Graph", "GraphNode", "NodeSet", "Recipe", "RunError", "RunReport",
+            "StaleCodeWarning", "StatePromise",
+        ]
+    )  # fmt: skip
+    for name in dagger_orchestrate.__all__:
+        assert hasattr(dagger_orchestrate, name), name

@@ -191,6 +191,14 @@ def test_missing_is_batched_ordered_and_checks_completeness(store: ds.Store) -> 
     assert store.missing(keys[:1] * 3) == []
 
 
+def test_manifests_returns_the_complete_ones(store: ds.Store) -> None:
+    whole, absent = ds.node_key("state", {"n": 1}), ds.node_key("state", {"n": 2})
+    kept = ds.Manifest({"v": store.put(NOISE), "w": store.put(b"kept")}, {"note": "x"})
+    store.commit(whole, kept)
+    assert store.manifests([absent, whole, absent]) == {whole: kept}
+    assert store.manifests([]) == {}
+
+
 def test_verify_is_clean_on_a_sound_store(store: ds.Store) -> None:
     digest = store.put(NOISE)
     store.put(b"x" * 100_000)

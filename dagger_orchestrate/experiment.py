@@ -1,0 +1,364 @@
+"""Experiment: a thin facade over definition (promises, tags), plan, execute and records."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagger_store as ds
+from dagger_orchestrate import records
+from dagger_orchestrate.execute import (
+    CallSpec,
+    Done,
+    Failed,
+    Returned,
+    Skipped,
+    StoreRef,
+    execute,
+)
+from dagger_orchestrate.function import Function
+from dagger_orchestrate.graph import Graph
+from dagger_orchestrate.plan import NodeSpec, child_spec, resolve, root_spec
+from dagger_orchestrate.recipe import Recipe, source_hash
+from dagger_orchestrate.serialize import plain_or_repr
+from dagger_orchestrate.state import ExperimentState, class_path
+from dagger_store.open import open_backend
+
+STORE_ENV = "DAGGER_STORE"
+
+
+class StaleCodeWarning(UserWarning):
+    """A cached result was computed by a recipe whose source has changed since."""
+
+
+class StatePromise:
+    """A node of the tree, defined but not (necessarily) computed. Knows its key already."""
+
+    __slots__ = ("experiment", "node")
+
+    def __init__(self, experiment: Experiment, node: NodeSpec) -> None:
+        self.experiment = experiment
+        self.node = node
+
+    @property
+    def key(self) -> ds.NodeKey:
+        return self.node.key
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return tuple(sorted(self.experiment._tags[self.node.key]))
+
+    def __repr__(self) -> str:
+        return f"<StatePromise {self.node.label} {self.key.hex[:12]}>"
+
+
+@dataclass
+class FunctionCall:
+    """A Function applied to a promise; ``result`` holds the value from the latest run()."""
+
+    function: Function
+    promise: StatePromise
+    tags: tuple[str, ...]
+    result: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionResult:
+    function: str
+    key: ds.NodeKey
+    tags: tuple[str, ...]
+    value: Any
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What ``Experiment.run`` did."""
+
+    executed: tuple[ds.NodeKey, ...]
+    cached: tuple[ds.NodeKey, ...]
+    failed: tuple[ds.NodeKey, ...]
+    skipped: tuple[ds.NodeKey, ...]
+    results: tuple[FunctionResult, ...]
+    timings: Mapping[ds.NodeKey, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"{len(self.executed)} executed, {len(self.cached)} cached, {len(self.failed)} "
+            f"failed, {len(self.skipped)} skipped, {len(self.results)} function results "
+            f"in {self.seconds:.2f} s"
+        )
+
+
+class RunError(Exception):
+    """A recipe or Function failed; the other branches still ran. ``report`` says what did."""
+
+    def __init__(self, message: str, report: RunReport, failures: list[str]) -> None:
+        super().__init__(message)
+        self.report = report
+        self.failures = failures
+
+
+class Experiment:
+    """A tree of states over a store, as in the paper.
+
+    Parameters
+    ----------
+    path
+        The experiment folder (local path, or an fsspec URL: ``s3://bucket/exp``,
+        ``memory://name``): records, and the embedded store unless ``store`` is given.
+    state_class
+        The ExperimentState subclass of the trees spawned here.
+    store
+        A shared store URL (``s3://lab-cache/dagger``, an NFS folder). Default: the
+        ``DAGGER_STORE`` environment variable, else ``<path>/store``.
+    storage_options
+        For s3:// locations (endpoint_url, key, secret, ...).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        state_class: type[ExperimentState] | None = None,
+        *,
+        store: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        _create: bool = True,
+    ) -> None:
+        if state_class is not None and not (
+            isinstance(state_class, type) and issubclass(state_class, ExperimentState)
+        ):
+            raise TypeError(f"state_class must subclass ExperimentState, got {state_class!r}")
+        self.path = _absolute(path)
+        self.state_class = state_class
+        options = dict(storage_options or {})
+        self._records = open_backend(self.path, options if "://" in self.path else {})
+        records.check_marker(self._records, create=_create)
+        store_url = store or os.environ.get(STORE_ENV) or f"{self.path.rstrip('/')}/store"
+        store_url = _absolute(store_url)
+        self._ref = StoreRef(
+            store_url, tuple(sorted(options.items())) if "://" in store_url else ()
+        )
+        self.store = self._ref.open()
+        self._nodes: dict[ds.NodeKey, NodeSpec] = {}
+        self._tags: dict[ds.NodeKey, set[str]] = {}
+        self._calls: list[FunctionCall] = []
+        self._tag_stack: list[str] = []
+        self._graph: Graph | None = None
+
+    def __repr__(self) -> str:
+        return f"Experiment({self.path!r}, store={self.store.url!r})"
+
+    # -- definition ----------------------------------------------------------------------------
+
+    def spawn_new_tree(self, **arguments: Any) -> StatePromise:
+        """The root of a new tree; ``arguments`` cover PROPERTIES and go to initialize_state."""
+        if self.state_class is None:
+            raise TypeError("this Experiment has no state_class: pass one to Experiment(...)")
+        return self._define(root_spec(self.state_class, arguments))
+
+    @contextmanager
+    def tag(self, *tags: str) -> Iterator[None]:
+        """Tag every node and Function call defined inside the block; blocks nest."""
+        for tag in tags:
+            if not isinstance(tag, str) or not tag:
+                raise TypeError(f"tags are non-empty str, got {tag!r}")
+        depth = len(self._tag_stack)
+        self._tag_stack.extend(tags)
+        try:
+            yield
+        finally:
+            del self._tag_stack[depth:]
+
+    def _define(self, node: NodeSpec) -> StatePromise:
+        self._nodes.setdefault(node.key, node)
+        self._tags.setdefault(node.key, set()).update(self._tag_stack)
+        return StatePromise(self, node)
+
+    def _add_recipe(self, recipe: Recipe, parent: StatePromise) -> StatePromise:
+        self._check_own(parent)
+        return self._define(child_spec(recipe, parent.node))
+
+    def _add_function(self, function: Function, promise: StatePromise) -> FunctionCall:
+        self._check_own(promise)
+        call = FunctionCall(function, promise, tuple(self._tag_stack))
+        self._calls.append(call)
+        return call
+
+    def _check_own(self, promise: StatePromise) -> None:
+        if promise.experiment is not self:
+            raise ValueError(f"{promise!r} belongs to another Experiment ({promise.experiment})")
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, scheduler: Any = None, *, progress: bool | None = None) -> RunReport:
+        """Compute every missing node, then run every Function; return what happened.
+
+        Parameters
+        ----------
+        scheduler
+            None or "sync" (default, in this thread), "threads", "processes", or a
+            ``dask.distributed.Client``.
+        progress
+            Show a progress bar; default: when stderr is a terminal.
+        """
+        start = time.perf_counter()
+        nodes = list(self._nodes.values())
+        plan = resolve(nodes, self.store)
+        self._warn_stale(plan.cached)
+        self._record_definition()
+        tags = {key: tuple(sorted(t)) for key, t in self._tags.items()}
+        calls = [
+            CallSpec(i, c.function, c.promise.node, tuple(sorted(tags[c.promise.key])))
+            for i, c in enumerate(self._calls)
+        ]
+        outcomes, returned = execute(plan, calls, self._ref, tags, scheduler, progress)
+        failed = [o for o in outcomes.values() if isinstance(o, Failed)]
+        failures = [
+            _describe_failure("", StatePromise(self, self._nodes[o.key]), o) for o in failed
+        ]
+        results = []
+        for call, returned_or_not in zip(self._calls, returned, strict=True):
+            if isinstance(returned_or_not, Returned):
+                call.result = returned_or_not.value
+                results.append(
+                    FunctionResult(
+                        call.function.name, call.promise.key, call.tags,
+                        returned_or_not.value, returned_or_not.seconds,
+                    )
+                )  # fmt: skip
+            elif isinstance(returned_or_not, Failed):
+                failed.append(returned_or_not)
+                failures.append(
+                    _describe_failure(f"{call.function.name} on", call.promise, returned_or_not)
+                )
+        report = RunReport(
+            executed=tuple(k for k, o in outcomes.items() if isinstance(o, Done)),
+            cached=tuple(n.key for n in nodes if n.key in plan.cached),
+            failed=tuple(k for k, o in outcomes.items() if isinstance(o, Failed)),
+            skipped=tuple(k for k, o in outcomes.items() if isinstance(o, Skipped)),
+            results=tuple(results),
+            timings={k: o.seconds for k, o in outcomes.items() if isinstance(o, Done)},
+            seconds=time.perf_counter() - start,
+        )
+        self._record_run(report)
+        self._graph = None
+        if failures:
+            more = f" (and {len(failures) - 1} more failures)" if len(failures) > 1 else ""
+            raise RunError(failures[0] + more, report, failures) from failed[0].error
+        return report
+
+    def _warn_stale(self, cached: Mapping[ds.NodeKey, ds.Manifest]) -> None:
+        for key, manifest in cached.items():
+            recipe = self._nodes[key].recipe
+            if recipe is None:
+                continue
+            recorded = manifest.meta.get("node", {}).get("source", "")
+            current = source_hash(type(recipe))
+            name = class_path(type(recipe))
+            if recorded and current and recorded != current and name not in _warned:
+                _warned.add(name)
+                warnings.warn(
+                    f"cached results of {name} were computed by different source code than "
+                    f"the current {type(recipe).__name__}; if the change matters, bump "
+                    f"{type(recipe).__name__}.VERSION to recompute",
+                    StaleCodeWarning,
+                    stacklevel=3,
+                )
+
+    def _record_definition(self) -> None:
+        nodes = [
+            {
+                "key": n.key.hex,
+                "parent": n.parent.hex if n.parent is not None else None,
+                "label": n.label,
+                "recipe": type(n.recipe).__name__ if n.recipe is not None else None,
+                "properties": plain_or_repr(
+                    n.recipe.properties if n.recipe is not None else dict(n.arguments)
+                ),
+                "tags": sorted(self._tags[n.key]),
+            }
+            for n in self._nodes.values()
+        ]
+        calls = [{"function": c.function.name, "node": c.promise.key.hex} for c in self._calls]
+        state_class = class_path(self.state_class) if self.state_class is not None else None
+        records.append(
+            self._records,
+            "def",
+            {"state_class": state_class, "store": self.store.url, "nodes": nodes, "calls": calls},
+        )
+
+    def _record_run(self, report: RunReport) -> None:
+        records.append(
+            self._records,
+            "run",
+            {
+                "finished": time.time(),
+                "seconds": report.seconds,
+                "executed": [k.hex for k in report.executed],
+                "cached": [k.hex for k in report.cached],
+                "failed": [k.hex for k in report.failed],
+            },
+        )
+
+    # -- analysis ------------------------------------------------------------------------------
+
+    @property
+    def graph(self) -> Graph:
+        """Every node this experiment has run, with tags, from its records (no payloads)."""
+        if self._graph is None:
+            self._graph = Graph.from_records(self._records, self.store, self.state_class)
+        return self._graph
+
+    @classmethod
+    def restore(
+        cls,
+        path: str | os.PathLike[str],
+        slim: bool = True,
+        *,
+        store: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> Experiment:
+        """Reopen an experiment folder for analysis; ``slim=False`` also loads every state.
+
+        The store is the one given, else the one the experiment last ran against.
+        """
+        if store is None:
+            options = dict(storage_options or {})
+            path_text = _absolute(path)
+            backend = open_backend(path_text, options if "://" in path_text else {})
+            records.check_marker(backend, create=False)
+            used = [d["store"] for d in records.read_all(backend, "def") if d.get("store")]
+            store = used[-1] if used else None
+        exp = cls(path, None, store=store, storage_options=storage_options, _create=False)
+        if not slim:
+            for node in exp.graph.nodes:
+                node.state = node.restore()
+        return exp
+
+
+_warned: set[str] = set()
+
+
+def _describe_failure(prefix: str, promise: StatePromise, failed: Failed) -> str:
+    tags = ", ".join(promise.tags) or "none"
+    where = f"{prefix} {promise.node.label}".strip()
+    return (
+        f"{where} (node {promise.key.hex[:12]}, tags: {tags}) failed: "
+        f"{type(failed.error).__name__}: {failed.error}"
+    )
+
+
+def _absolute(path: str | os.PathLike[str]) -> str:
+    # Workers (processes, other machines) must not resolve a relative path against their own
+    # working directory: the 2020 implementation's processes scheduler broke exactly so.
+    text = os.fspath(path)
+    if "://" in text:
+        return text
+    return os.path.abspath(text)

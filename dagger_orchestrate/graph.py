@@ -1,0 +1,262 @@
+"""The analysis API: the slim graph of an experiment, NodeSet filters, restore, draw.
+
+Built from the experiment's records alone: no payload is loaded until ``node.restore()``.
+Order is deterministic: depth-first from the roots, children in the order they were defined.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, overload
+
+import dagger_store as ds
+from dagger_orchestrate import records
+from dagger_orchestrate.state import ExperimentState
+from dagger_store.backends.base import Backend
+
+if TYPE_CHECKING:
+    import graphviz
+
+
+class GraphNode:
+    """One node: its recipe and properties, tags, parent and children. ``restore()`` loads it."""
+
+    def __init__(
+        self,
+        graph: Graph,
+        key: ds.NodeKey,
+        label: str,
+        recipe: str | None,
+        properties: dict[str, Any],
+    ) -> None:
+        self.graph = graph
+        self.key = key
+        self.label = label
+        self.recipe = recipe
+        self.properties = properties
+        self.tags: frozenset[str] = frozenset()
+        self.parent: GraphNode | None = None
+        self.children: list[GraphNode] = []
+        self.state: ExperimentState | None = None  # filled by Experiment.restore(slim=False)
+
+    @property
+    def depth(self) -> int:
+        depth, node = 0, self.parent
+        while node is not None:
+            depth, node = depth + 1, node.parent
+        return depth
+
+    def restore(self) -> ExperimentState:
+        """Load this node's full state from the store (a fresh copy each call)."""
+        from dagger_orchestrate.execute import load_state
+
+        return load_state(
+            self.graph.store, self.key, self.graph.state_class, tuple(sorted(self.tags))
+        )
+
+    def __repr__(self) -> str:
+        tags = f" [{', '.join(sorted(self.tags))}]" if self.tags else ""
+        return f"<{self.label}{tags} {self.key.hex[:12]}>"
+
+
+class NodeSet(Sequence[GraphNode]):
+    """An ordered set of nodes: ``filter``, ``&``, ``|``, ``-``, ``len``, indexing."""
+
+    def __init__(self, graph: Graph, nodes: Iterable[GraphNode]) -> None:
+        wanted = {n.key for n in nodes}
+        self._graph = graph
+        self._nodes = tuple(n for n in graph._order if n.key in wanted)
+
+    def filter(self, *patterns: str) -> NodeSet:
+        """Nodes with a tag matching every glob pattern; ``"!pat"``: with no tag matching it."""
+
+        def keep(node: GraphNode) -> bool:
+            for pattern in patterns:
+                negate = pattern.startswith("!")
+                hit = any(fnmatch.fnmatchcase(t, pattern.lstrip("!")) for t in node.tags)
+                if hit == negate:
+                    return False
+            return True
+
+        return NodeSet(self._graph, (n for n in self._nodes if keep(n)))
+
+    def _check(self, other: object) -> NodeSet:
+        if not isinstance(other, NodeSet) or other._graph is not self._graph:
+            raise TypeError("set operations combine NodeSets of the same graph")
+        return other
+
+    def __and__(self, other: object) -> NodeSet:
+        keys = {n.key for n in self._check(other)}
+        return NodeSet(self._graph, (n for n in self._nodes if n.key in keys))
+
+    def __or__(self, other: object) -> NodeSet:
+        return NodeSet(self._graph, (*self._nodes, *self._check(other)._nodes))
+
+    def __sub__(self, other: object) -> NodeSet:
+        keys = {n.key for n in self._check(other)}
+        return NodeSet(self._graph, (n for n in self._nodes if n.key not in keys))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    @overload
+    def __getitem__(self, index: int) -> GraphNode: ...
+    @overload
+    def __getitem__(self, index: slice) -> NodeSet: ...
+    def __getitem__(self, index: int | slice) -> GraphNode | NodeSet:
+        if isinstance(index, slice):
+            return NodeSet(self._graph, self._nodes[index])
+        return self._nodes[index]
+
+    def __iter__(self) -> Iterator[GraphNode]:
+        return iter(self._nodes)
+
+    def __repr__(self) -> str:
+        return f"NodeSet({list(self._nodes)})"
+
+
+class Graph:
+    """The tree(s) of an experiment."""
+
+    def __init__(self, store: ds.Store, state_class: type[ExperimentState]) -> None:
+        self.store = store
+        self.state_class = state_class
+        self._by_key: dict[ds.NodeKey, GraphNode] = {}
+        self._order: list[GraphNode] = []
+
+    @classmethod
+    def from_records(
+        cls, backend: Backend, store: ds.Store, state_class: type[ExperimentState] | None
+    ) -> Graph:
+        definitions = records.read_all(backend, "def")
+        if state_class is None:
+            names = [d["state_class"] for d in definitions if d.get("state_class")]
+            state_class = _import_class(names[-1]) if names else ExperimentState
+        graph = cls(store, state_class)
+        parents: dict[ds.NodeKey, ds.NodeKey | None] = {}
+        tags: dict[ds.NodeKey, set[str]] = {}
+        for definition in definitions:
+            for entry in definition["nodes"]:
+                key = ds.NodeKey(entry["key"])
+                if key not in graph._by_key:
+                    graph._by_key[key] = GraphNode(
+                        graph, key, entry["label"], entry["recipe"], entry["properties"]
+                    )
+                    parents[key] = ds.NodeKey(entry["parent"]) if entry["parent"] else None
+                tags.setdefault(key, set()).update(entry["tags"])
+        for key, node in graph._by_key.items():
+            node.tags = frozenset(tags[key])
+            parent = parents[key]
+            if parent is not None and parent in graph._by_key:
+                node.parent = graph._by_key[parent]
+                node.parent.children.append(node)
+        graph._order = [n for root in graph.roots for n in _preorder(root)]
+        return graph
+
+    @property
+    def nodes(self) -> NodeSet:
+        return NodeSet(self, self._order)
+
+    @property
+    def roots(self) -> tuple[GraphNode, ...]:
+        return tuple(n for n in self._by_key.values() if n.parent is None)
+
+    @property
+    def root(self) -> GraphNode:
+        """The root, when the experiment has exactly one tree."""
+        if len(self.roots) != 1:
+            raise ValueError(f"this graph has {len(self.roots)} roots; use graph.roots")
+        return self.roots[0]
+
+    def node(self, key: str | ds.NodeKey) -> GraphNode:
+        """The node with this key, or with this unique key prefix."""
+        text = key.hex if isinstance(key, ds.NodeKey) else key
+        found = [n for n in self._order if n.key.hex.startswith(text)] if text else []
+        if len(found) != 1:
+            raise KeyError(
+                f"{len(found)} nodes match {text!r}; give a longer key prefix"
+                if found
+                else f"no node {text!r} in this experiment"
+            )
+        return found[0]
+
+    def nodes_at_distance(self, distance: int) -> NodeSet:
+        """Nodes ``distance`` steps below a root (0: the roots)."""
+        return NodeSet(self, (n for n in self._order if n.depth == distance))
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __str__(self) -> str:
+        lines: list[str] = []
+        for root in self.roots:
+            _render(root, "", "", lines)
+        return "\n".join(lines)
+
+    def draw(self, path: str | None = None) -> graphviz.Digraph:
+        """A ``graphviz.Digraph`` (shows inline in Jupyter); with ``path``, also render it there.
+
+        Rendering needs Graphviz's ``dot`` program; the Digraph itself does not.
+        """
+        import graphviz
+
+        dot = graphviz.Digraph("experiment", graph_attr={"rankdir": "TB"})
+        for node in self._order:
+            tags = f"\n[{', '.join(sorted(node.tags))}]" if node.tags else ""
+            dot.node(node.key.hex, f"{node.label}{tags}\n{node.key.hex[:12]}", shape="box")
+            if node.parent is not None:
+                dot.edge(node.parent.key.hex, node.key.hex)
+        if path is not None:
+            if shutil.which("dot") is None:
+                raise RuntimeError(
+                    f"cannot render {path!r}: Graphviz's 'dot' program is not installed "
+                    "(apt-get install graphviz, brew install graphviz, or conda install "
+                    "graphviz); graph.draw() without a path still returns the Digraph"
+                )
+            stem, ext = os.path.splitext(path)
+            dot.render(stem, format=ext.lstrip(".") or "svg", cleanup=True)
+        return dot
+
+
+def _preorder(root: GraphNode) -> Iterator[GraphNode]:
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(reversed(node.children))
+
+
+def _render(node: GraphNode, lead: str, child_lead: str, lines: list[str]) -> None:
+    stack = [(node, lead, child_lead)]
+    while stack:
+        current, first, rest = stack.pop()
+        tags = f"  [{', '.join(sorted(current.tags))}]" if current.tags else ""
+        lines.append(f"{first}{current.label}{tags}  {current.key.hex[:12]}")
+        children = current.children
+        for i in reversed(range(len(children))):
+            last = i == len(children) - 1
+            stack.append(
+                (
+                    children[i],
+                    rest + ("└── " if last else "├── "),
+                    rest + ("    " if last else "│   "),
+                )
+            )
+
+
+def _import_class(path: str) -> type[ExperimentState]:
+    module, _, qualname = path.rpartition(".")
+    try:
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+        if isinstance(found, type) and issubclass(found, ExperimentState):
+            return found
+    except (ImportError, AttributeError):
+        pass
+    # Defined in a script (__main__) or gone: restore attributes onto a stand-in of that name.
+    return type(qualname.rsplit(".", 1)[-1], (ExperimentState,), {})

@@ -1,0 +1,105 @@
+"""resolve(nodes, store) -> Plan: which nodes of a tree must run. Pure but for one batched query.
+
+Invariants:
+
+- Every node's key is known before anything runs: root = H("state", state class, arguments);
+  child = H("recipe", recipe class, VERSION, PROPERTIES, parent key). Tags are not identity.
+- A node is cached when the store holds a complete manifest for its key; ``missing`` lists the
+  others, parents before children. Nothing is loaded: deciding costs no payload bytes.
+- This module imports neither dask nor anything that writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import dagger_store as ds
+from dagger_orchestrate.recipe import Recipe
+from dagger_orchestrate.state import ExperimentState, class_path
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    """One node of a tree: everything needed to compute it, picklable, no payload."""
+
+    key: ds.NodeKey
+    parent: ds.NodeKey | None
+    state_class: type[ExperimentState]
+    recipe: Recipe | None = None  # None: the root, built by initialize_state(**arguments)
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``Recipe(prop=value, ...)``, or ``State(arg=value, ...)`` for a root."""
+        if self.recipe is not None:
+            return repr(self.recipe)
+        args = ", ".join(f"{k}={v!r}" for k, v in self.arguments.items())
+        return f"{self.state_class.__name__}({args})"
+
+
+def root_spec(state_class: type[ExperimentState], arguments: Mapping[str, Any]) -> NodeSpec:
+    """The root node of a tree spawned with ``arguments``; they must cover PROPERTIES."""
+    missing = [p for p in state_class.PROPERTIES if p not in arguments]
+    if missing:
+        raise TypeError(
+            f"spawn_new_tree() is missing PROPERTIES {missing} of {state_class.__name__}; "
+            f"pass every one of {list(state_class.PROPERTIES)} as a keyword argument"
+        )
+    arguments = dict(sorted(arguments.items()))
+    for name, value in arguments.items():
+        ds.canonical_encode(value, f"{state_class.__name__}.{name}")
+    key = ds.node_key("state", {"class": class_path(state_class), "arguments": arguments})
+    return NodeSpec(key, None, state_class, None, arguments)
+
+
+def child_spec(recipe: Recipe, parent: NodeSpec) -> NodeSpec:
+    """The node made by applying ``recipe`` to ``parent``."""
+    key = ds.node_key(
+        "recipe",
+        {
+            "class": class_path(type(recipe)),
+            "version": type(recipe).VERSION,
+            "properties": recipe.properties,
+            "parent": parent.key,
+        },
+    )
+    return NodeSpec(key, parent.key, parent.state_class, recipe)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Every node of the tree (definition order) and those that must run (parents first)."""
+
+    nodes: tuple[NodeSpec, ...]
+    missing: tuple[NodeSpec, ...]
+    cached: Mapping[ds.NodeKey, ds.Manifest]
+
+    @property
+    def missing_keys(self) -> frozenset[ds.NodeKey]:
+        return frozenset(n.key for n in self.missing)
+
+
+def resolve(nodes: Iterable[NodeSpec], store: ds.Store) -> Plan:
+    """Ask the store once which nodes exist; the rest are missing, parents first."""
+    nodes = tuple(nodes)
+    cached = store.manifests([n.key for n in nodes])
+    missing = tuple(n for n in _parents_first(nodes) if n.key not in cached)
+    return Plan(nodes, missing, cached)
+
+
+def _parents_first(nodes: tuple[NodeSpec, ...]) -> list[NodeSpec]:
+    by_key = {n.key: n for n in nodes}
+    ordered: list[NodeSpec] = []
+    placed: set[ds.NodeKey] = set()
+    for node in nodes:
+        chain = []  # iterative: a 10,000-step chain must not hit the recursion limit
+        current: NodeSpec | None = node
+        while current is not None and current.key not in placed:
+            chain.append(current)
+            current = by_key.get(current.parent) if current.parent is not None else None
+        for pending in reversed(chain):
+            placed.add(pending.key)
+            ordered.append(pending)
+    return ordered
