@@ -43,10 +43,11 @@ class StoreRef:
     url: str
     storage_options: tuple[tuple[str, Any], ...] = ()
 
-    def open(self) -> ds.Store:
+    def open(self, *, fresh: bool = False) -> ds.Store:
+        """The process's Store for this URL; ``fresh`` opens (and checks) it anew."""
         key = (self.url, repr(self.storage_options))  # options may hold unhashable dicts
         with _stores_lock:
-            if key not in _stores:
+            if fresh or key not in _stores:
                 _stores[key] = ds.open_store(self.url, storage_options=dict(self.storage_options))
             return _stores[key]
 
@@ -268,7 +269,7 @@ class _progress_bar:
         if wanted and isinstance(get, str):
             from dask.diagnostics.progress import ProgressBar
 
-            self._bar = ProgressBar(minimum=1.0)
+            self._bar = ProgressBar(minimum=1.0, out=sys.stderr)
 
     def __enter__(self) -> None:
         if self._bar is not None:

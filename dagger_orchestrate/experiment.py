@@ -145,7 +145,8 @@ class Experiment:
         self._ref = StoreRef(
             store_url, tuple(sorted(options.items())) if "://" in store_url else ()
         )
-        self.store = self._ref.open()
+        # Opened anew, so a store deleted since this process last used it is recreated.
+        self.store = self._ref.open(fresh=True)
         self._nodes: dict[ds.NodeKey, NodeSpec] = {}
         self._tags: dict[ds.NodeKey, set[str]] = {}
         self._calls: list[FunctionCall] = []

@@ -145,8 +145,8 @@ def _save_pickled(
             "the state"
         ) from exc
     entries = {name: store.put(file.getbuffer())}
-    for i, buffer in enumerate(buffers):
-        entries[f"{name}#{i}"] = store.put(buffer.raw())
+    for i, digest in enumerate(store.put_many([b.raw() for b in buffers])):
+        entries[f"{name}#{i}"] = digest
     specs = []
     for i, tensor in enumerate(pickler.tensors):
         tensor_entries, spec = _save_tensor(store, f"{name}@{i}", tensor, torch)

@@ -118,6 +118,33 @@ def decompress(payload: bytes | memoryview, max_size: int, key: str) -> bytes:
         raise IntegrityError(f"blob {key!r} is not valid zstd: {exc}", key=key) from exc
 
 
+def decompress_into(payload: bytes | memoryview, target: memoryview, key: str) -> None:
+    """Inflate a zstd payload straight into ``target``, which it must fill exactly."""
+    try:
+        stated = zstandard.frame_content_size(payload)
+        if stated not in (-1, len(target)):
+            raise IntegrityError(
+                f"blob {key!r} inflates to {stated} bytes where {len(target)} are expected: "
+                "corrupt",
+                key=key,
+            )
+        with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
+            filled = 0
+            while filled < len(target):
+                n = reader.readinto(target[filled:])
+                if not n:
+                    break
+                filled += n
+            overflow = reader.read(1)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"blob {key!r} is not valid zstd: {exc}", key=key) from exc
+    if filled != len(target) or overflow:
+        raise IntegrityError(
+            f"blob {key!r} does not inflate to the {len(target)} bytes its digest says: corrupt",
+            key=key,
+        )
+
+
 def encode_index(size: int, leaves: list[Digest]) -> bytes:
     """The object of a chunked blob: its size, then its leaves' raw digests in order."""
     return (

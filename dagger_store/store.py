@@ -139,6 +139,19 @@ class Store:
         self.backend.write_once(_blob_key(top), codecs.encode_index(top.size, digests))
         return top
 
+    def put_many(self, values: Sequence[Any]) -> list[Digest]:
+        """``put`` each value; values of one leaf or less are hashed, compressed and written
+        side by side on the pool (a model's many small matrices use every core)."""
+        views = [_byte_view(v) for v in values]
+        small = [i for i, v in enumerate(views) if len(v) <= LEAF_SIZE]
+        digests: dict[int, Digest] = dict(
+            zip(small, self._map(lambda i: self.put(views[i]), small), strict=True)
+        )
+        for i, view in enumerate(views):
+            if i not in digests:  # a large value parallelises over its own leaves
+                digests[i] = self.put(view)
+        return [digests[i] for i in range(len(views))]
+
     def _put_leaf(self, leaf: memoryview, compress: bool) -> Digest:
         digest = leaf_digest(leaf)
         key = _blob_key(digest)
@@ -247,7 +260,12 @@ class Store:
                 return
         data = self._read(digest)
         codec = codecs.read_header(data, key)
-        target[:] = self._decode_leaf(codec, memoryview(data)[HEADER_SIZE:], digest)
+        payload = memoryview(data)[HEADER_SIZE:]
+        if codec is Codec.ZSTD:
+            codecs.decompress_into(payload, target, key)  # no intermediate bytes
+            codecs.verify(target, digest, key)
+        else:
+            target[:] = self._decode_leaf(codec, payload, digest)
 
     def _decode_leaf(self, codec: Codec, payload: memoryview, digest: Digest) -> bytes:
         key = _blob_key(digest)

@@ -85,11 +85,27 @@ class TestS3Backend(BackendContract):
         keys = [f"c/{i:03d}" for i in range(300)]
         for key in keys[::3]:
             self.plant(backend, key, b"v")
+        monkeypatch.setattr(backend, "list_page_size", 5)  # 100 keys: too many pages to list
         requests = _Requests.count(backend, monkeypatch)
         assert backend.exists_many(keys) == [i % 3 == 0 for i in range(300)]
-        assert requests.made == {"head_object": 300}  # no LIST per miss, as fs.exists would do
+        # One listing page shows the folder is too big to list within budget; then HEADs only,
+        # never a LIST per miss as fs.exists would do.
+        assert requests.made == {"list_objects_v2": 1, "head_object": 300}
         assert 1 < requests.peak <= MAX_IN_FLIGHT
         assert requests.peak >= MAX_IN_FLIGHT // 2, f"only {requests.peak} HEADs at once"
+
+    def test_a_large_batch_in_a_small_folder_is_one_listing(
+        self, backend: S3Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        keys = [f"v1/manifests/{i % 7:02x}/{i:04d}" for i in range(300)]
+        for key in keys[::3]:
+            self.plant(backend, key, b"v")
+        self.plant(backend, "v1/blobs/aa/other-namespace", b"v")
+        requests = _Requests.count(backend, monkeypatch)
+        assert backend.exists_many(keys) == [i % 3 == 0 for i in range(300)]
+        assert requests.made == {"list_objects_v2": 1}
+        assert backend.exists_many(keys[:99]) == [i % 3 == 0 for i in range(99)]  # small: HEADs
+        assert requests.made == {"list_objects_v2": 1, "head_object": 99}
 
     def test_each_call_is_one_request(
         self, backend: S3Backend, monkeypatch: pytest.MonkeyPatch

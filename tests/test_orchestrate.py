@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -296,6 +297,16 @@ def test_a_failing_recipe_spares_the_other_branches(tmp_path: Path) -> None:
     assert exp.store.missing([root.key, good.key, bad.key, below.key]) == [bad.key, below.key]
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar_on_long_runs_when_asked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], progress: bool
+) -> None:
+    exp = dg.Experiment(tmp_path / "exp", state_class=State)
+    toy.Slow(seconds=1.2)(exp.spawn_new_tree(dataset_name="digits", seed=0))
+    exp.run(progress=progress)
+    assert ("Completed" in capsys.readouterr().err) is progress
+
+
 def test_a_recipe_must_return_the_state(tmp_path: Path) -> None:
     exp = dg.Experiment(tmp_path / "exp", state_class=State)
     ReturnsNothing()(exp.spawn_new_tree(dataset_name="digits", seed=0))
@@ -408,6 +419,14 @@ def test_experiment_and_store_on_s3(s3_url: str, s3_storage_options: dict[str, A
     ]
 
 
+def test_starting_over_after_deleting_the_folder(tmp_path: Path) -> None:
+    for _ in range(2):  # a notebook: run, delete everything, run again in the same process
+        exp = dg.Experiment(tmp_path / "exp", state_class=State)
+        Train(nb_epochs=1, lr=0.1)(exp.spawn_new_tree(dataset_name="digits", seed=0))
+        assert len(exp.run().executed) == 2
+        shutil.rmtree(tmp_path / "exp")
+
+
 def test_a_folder_that_is_not_an_experiment_is_refused(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ds.StoreOpenError, match="not a dagger experiment"):
@@ -514,3 +533,13 @@ def test_torch_tensors_and_modules_are_stored_without_pickling_their_weights(
             assert spec["codec"] == "torch"
             assert torch.equal(back.detach(), value.detach())
             assert back.requires_grad == value.requires_grad and back.dtype == value.dtype
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed here")
+def test_draw_renders_where_dot_exists(
+    finished: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
+    path, _ = finished
+    target = tmp_path / "a.dir" / "graph.svg"  # a dot in a folder name must not confuse it
+    dg.Experiment.restore(path).graph.draw(str(target))
+    assert target.read_text().lstrip().startswith(("<?xml", "<svg"))

@@ -90,6 +90,13 @@ def test_existing_content_is_never_written_again(store: ds.Store) -> None:
     assert blob_objects(store) == objects  # the first leaf was a blob of its own already
 
 
+def test_put_many_equals_put_one_by_one(store: ds.Store) -> None:
+    values = [NOISE[:100], b"", NOISE, np.arange(1000, dtype=np.float32), NOISE[:100]]
+    digests = store.put_many(values)
+    assert digests == [blob_digest(bytes(memoryview(v).cast("B"))) for v in values]
+    assert [store.get(d) for d in digests] == [bytes(memoryview(v).cast("B")) for v in values]
+
+
 def test_blobs_sharing_leaves_share_objects(store: ds.Store) -> None:
     store.put(NOISE)
     before = blob_objects(store)

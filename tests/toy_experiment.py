@@ -6,6 +6,7 @@ lab's own recipes.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,14 @@ class Boom(dg.Recipe):
 
     def run(self, state: State) -> State:
         raise ValueError(self.message)
+
+
+class Slow(dg.Recipe):
+    PROPERTIES = ["seconds"]
+
+    def run(self, state: State) -> State:
+        time.sleep(self.seconds)
+        return state
 
 
 class ReturnsNothing(dg.Recipe):

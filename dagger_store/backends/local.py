@@ -71,6 +71,12 @@ class LocalBackend:
 
     def write_once(self, key: str, *parts: Buffer) -> bool:
         path = self._path(key)
+        if not self.root.is_dir():
+            raise BackendError(
+                f"the store folder {self.root} is gone (deleted while open?); open the store "
+                "again to recreate it",
+                key=key,
+            )
         with self._translated(key):
             if path.exists():  # cheap fast path; the link below is what decides
                 return False

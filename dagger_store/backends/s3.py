@@ -8,6 +8,8 @@ Invariants, on top of those of ``backends.base``:
   of the key is in flight, and may still fail) is retried with backoff until it settles.
 - ``exists_many`` is one concurrent round of HEADs (at most ``MAX_IN_FLIGHT`` at once), never
   ``fs.exists``: a miss there costs HEAD + LIST and may be answered from a stale listing cache.
+  A large batch whose common folder lists in a few pages is answered by listing instead (S3
+  listings are strongly consistent, like HEADs).
 - Every key is checked by ``check_key`` before any request; errors are translated once, in
   ``_translated``, and messages never contain credentials.
 
@@ -26,6 +28,7 @@ S3 quirks relied on:
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,6 +44,10 @@ from dagger_store.backends.base import Buffer, check_key
 from dagger_store.errors import BackendError, InvalidKeyError, NotFoundError, StoreOpenError
 
 MAX_IN_FLIGHT = 64
+# exists_many lists instead of HEADing when a batch of at least LIST_ABOVE keys fits in a budget
+# of one LIST page per KEYS_PER_LIST_PAGE keys asked about.
+LIST_ABOVE = 100
+KEYS_PER_LIST_PAGE = 250
 
 _TAKEN = {"PreconditionFailed", "412"}
 _IN_FLIGHT_ELSEWHERE = {"ConditionalRequestConflict", "409"}
@@ -166,6 +173,9 @@ class S3Backend:
             check_key(key)
         if not keys:
             return []
+        listed = self._listed(keys)
+        if listed is not None:
+            return [key in listed for key in keys]
         try:
             found: list[bool] = sync(self.fs.loop, self._exists_all, keys)
         except BaseExceptionGroup as group:  # TaskGroup: the first failure cancelled the rest
@@ -190,9 +200,29 @@ class S3Backend:
             tasks = [group.create_task(head(key)) for key in keys]
         return [task.result() for task in tasks]
 
-    def iter_keys(self, prefix: str = "") -> Iterator[str]:
-        if prefix:
-            check_key(prefix.rstrip("/"))
+    def _listed(self, keys: Sequence[str]) -> set[str] | None:
+        """Every key under the batch's common folder, if a few LIST pages hold them all.
+
+        One LIST page answers for up to 1,000 keys where a HEAD answers for one, so a large
+        batch in a small-enough namespace (a tree's manifests in a lab store of thousands) is
+        answered in a handful of requests. The page budget grows with the batch, and a
+        namespace too large for it falls back to the HEADs, having wasted at most that budget.
+        """
+        if len(keys) < LIST_ABOVE:
+            return None
+        # Character-wise on purpose, then cut back to a "/": the folder holding every key.
+        common = os.path.commonprefix(list(keys))  # noqa: RUF071
+        folder = common[: common.rfind("/") + 1]
+        budget = max(1, len(keys) // KEYS_PER_LIST_PAGE)
+        found: set[str] = set()
+        for _, (page, more) in zip(range(budget), self._pages(folder), strict=False):
+            found.update(page)
+            if not more:
+                return found
+        return None
+
+    def _pages(self, prefix: str) -> Iterator[tuple[list[str], bool]]:
+        """Pages of keys under ``prefix``, each with whether more pages follow."""
         request = {
             "Bucket": self._bucket,
             "Prefix": self._prefix + prefix,
@@ -200,14 +230,24 @@ class S3Backend:
         }
         while True:
             with self._translated(prefix):
-                page = self.fs.call_s3("list_objects_v2", **request)
-            for entry in page.get("Contents", ()):
-                key = entry["Key"][len(self._prefix) :]
-                if _is_key(key):  # skips "dir/" placeholders and foreign names
-                    yield key
-            if not page.get("IsTruncated"):
+                page = sync(self.fs.loop, self.fs._call_s3, "list_objects_v2", **request)
+            more = bool(page.get("IsTruncated"))
+            # "dir/" placeholders and foreign names are not keys
+            keys = [
+                key
+                for entry in page.get("Contents", ())
+                if _is_key(key := entry["Key"][len(self._prefix) :])
+            ]
+            yield keys, more
+            if not more:
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        if prefix:
+            check_key(prefix.rstrip("/"))
+        for page, _ in self._pages(prefix):
+            yield from page
 
 
 def open_s3_backend(url: str, storage_options: Mapping[str, Any]) -> S3Backend:
