@@ -28,6 +28,7 @@ from dask.base import compute
 from dask.delayed import Delayed, delayed
 
 import dagger_store as ds
+from dagger_orchestrate.inflight import LeaseTerms, claim, holding
 from dagger_orchestrate.plan import NodeSpec, Plan
 from dagger_orchestrate.recipe import source_hash
 from dagger_orchestrate.serialize import load_attribute, save_attribute
@@ -63,6 +64,14 @@ class Done:
 
 
 @dataclass(frozen=True, slots=True)
+class Waited:
+    """Another run computed the node while this one waited for it."""
+
+    key: ds.NodeKey
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     key: ds.NodeKey
     error: BaseException
@@ -92,7 +101,7 @@ class Returned:
     seconds: float
 
 
-Outcome = Done | Failed | Skipped
+Outcome = Done | Waited | Failed | Skipped
 
 
 def execute(
@@ -100,6 +109,7 @@ def execute(
     calls: Sequence[CallSpec],
     ref: StoreRef,
     tags: Mapping[ds.NodeKey, tuple[str, ...]],
+    terms: LeaseTerms,
     scheduler: Any = None,
     progress: bool | None = None,
 ) -> tuple[dict[ds.NodeKey, Outcome], list[Returned | Failed | Skipped]]:
@@ -108,7 +118,7 @@ def execute(
     for node in plan.missing:
         parent = tasks.get(node.parent) if node.parent is not None else None
         tasks[node.key] = delayed(run_node, pure=False)(
-            node, ref, tags.get(node.key, ()), parent, dask_key_name=f"node-{node.key.hex}"
+            node, ref, tags.get(node.key, ()), terms, parent, dask_key_name=f"node-{node.key.hex}"
         )
     get = _scheduler(scheduler)
     call_tasks: list[Delayed] = []
@@ -130,36 +140,48 @@ def execute(
 
 
 def run_node(
-    node: NodeSpec, ref: StoreRef, tags: tuple[str, ...], parent: Outcome | None
+    node: NodeSpec,
+    ref: StoreRef,
+    tags: tuple[str, ...],
+    terms: LeaseTerms,
+    parent: Outcome | None,
 ) -> Outcome:
-    """Compute one node and commit it; never raises."""
+    """Compute one node and commit it, unless another run does; never raises."""
     if isinstance(parent, Failed | Skipped):
         return Skipped(node.key, parent.key if isinstance(parent, Failed) else parent.because)
     start = time.perf_counter()
     try:
         store = ref.open()
-        if node.recipe is None:
-            state = node.state_class.__new__(node.state_class)
-            for name, value in node.arguments.items():
-                if name in node.state_class.PROPERTIES:
-                    setattr(state, name, value)
-            _label(state, node.key, tags)
-            state.initialize_state(**node.arguments)
-        else:
-            assert node.parent is not None
-            state = load_state(store, node.parent, node.state_class, tags)
-            _label(state, node.key, tags)
-            state = node.recipe.run(state)
-            if not isinstance(state, ExperimentState):
-                raise TypeError(
-                    f"{type(node.recipe).__name__}.run must return the state "
-                    f"(an ExperimentState), but returned {type(state).__name__}"
-                )
-        seconds = time.perf_counter() - start
-        store.commit(node.key, save_state(store, state, node, seconds))
+        lease = claim(store, node.key, terms)
+        if lease is None:
+            return Waited(node.key, time.perf_counter() - start)
+        with holding(store, lease, terms):
+            _compute(store, node, tags, start)
         return Done(node.key, time.perf_counter() - start)
     except Exception as exc:
         return Failed(node.key, _portable(exc), traceback.format_exc())
+
+
+def _compute(store: ds.Store, node: NodeSpec, tags: tuple[str, ...], start: float) -> None:
+    if node.recipe is None:
+        state = node.state_class.__new__(node.state_class)
+        for name, value in node.arguments.items():
+            if name in node.state_class.PROPERTIES:
+                setattr(state, name, value)
+        _label(state, node.key, tags)
+        state.initialize_state(**node.arguments)
+    else:
+        assert node.parent is not None
+        state = load_state(store, node.parent, node.state_class, tags)
+        _label(state, node.key, tags)
+        state = node.recipe.run(state)
+        if not isinstance(state, ExperimentState):
+            raise TypeError(
+                f"{type(node.recipe).__name__}.run must return the state "
+                f"(an ExperimentState), but returned {type(state).__name__}"
+            )
+    seconds = time.perf_counter() - start
+    store.commit(node.key, save_state(store, state, node, seconds))
 
 
 def run_function(

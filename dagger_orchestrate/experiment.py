@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -11,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dagger_store as ds
-from dagger_orchestrate import records
 from dagger_orchestrate.execute import (
     CallSpec,
     Done,
@@ -19,17 +20,18 @@ from dagger_orchestrate.execute import (
     Returned,
     Skipped,
     StoreRef,
+    Waited,
     execute,
 )
+from dagger_orchestrate.folder import absolute, open_folder
 from dagger_orchestrate.function import Function
 from dagger_orchestrate.graph import Graph
+from dagger_orchestrate.inflight import LeaseTerms
 from dagger_orchestrate.plan import NodeSpec, child_spec, resolve, root_spec
 from dagger_orchestrate.recipe import Recipe, source_hash
 from dagger_orchestrate.serialize import plain_or_repr
 from dagger_orchestrate.state import ExperimentState, class_path
-from dagger_store.open import open_backend
-
-STORE_ENV = "DAGGER_STORE"
+from dagger_store.records import add_record
 
 
 class StaleCodeWarning(UserWarning):
@@ -82,6 +84,7 @@ class RunReport:
 
     executed: tuple[ds.NodeKey, ...]
     cached: tuple[ds.NodeKey, ...]
+    waited: tuple[ds.NodeKey, ...]  # computed by another run while this one waited
     failed: tuple[ds.NodeKey, ...]
     skipped: tuple[ds.NodeKey, ...]
     results: tuple[FunctionResult, ...]
@@ -90,8 +93,9 @@ class RunReport:
 
     def __str__(self) -> str:
         return (
-            f"{len(self.executed)} executed, {len(self.cached)} cached, {len(self.failed)} "
-            f"failed, {len(self.skipped)} skipped, {len(self.results)} function results "
+            f"{len(self.executed)} executed, {len(self.cached)} cached, {len(self.waited)} "
+            f"computed by another run, {len(self.failed)} failed, {len(self.skipped)} skipped, "
+            f"{len(self.results)} function results "
             f"in {self.seconds:.2f} s"
         )
 
@@ -112,14 +116,19 @@ class Experiment:
     ----------
     path
         The experiment folder (local path, or an fsspec URL: ``s3://bucket/exp``,
-        ``memory://name``): records, and the embedded store unless ``store`` is given.
+        ``memory://name``): a marker naming the experiment and its store, and the embedded
+        store unless the experiment uses a shared one.
     state_class
         The ExperimentState subclass of the trees spawned here.
     store
-        A shared store URL (``s3://lab-cache/dagger``, an NFS folder). Default: the
-        ``DAGGER_STORE`` environment variable, else ``<path>/store``.
+        A shared store URL (``s3://lab-cache/dagger``, an NFS folder) for a new experiment.
+        Default: the ``DAGGER_STORE`` environment variable, else ``<path>/store``. An
+        experiment keeps its store; pass ``store`` again only to say where it moved.
     storage_options
         For s3:// locations (endpoint_url, key, secret, ...).
+    name
+        The experiment's name in the store's records (``dagger ls``). Default: the folder's
+        name plus a short hash of its path.
     """
 
     def __init__(
@@ -129,22 +138,20 @@ class Experiment:
         *,
         store: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        name: str | None = None,
         _create: bool = True,
     ) -> None:
         if state_class is not None and not (
             isinstance(state_class, type) and issubclass(state_class, ExperimentState)
         ):
             raise TypeError(f"state_class must subclass ExperimentState, got {state_class!r}")
-        self.path = _absolute(path)
+        self.path = absolute(path)
         self.state_class = state_class
         options = dict(storage_options or {})
-        self._records = open_backend(self.path, options if "://" in self.path else {})
-        records.check_marker(self._records, create=_create)
-        store_url = store or os.environ.get(STORE_ENV) or f"{self.path.rstrip('/')}/store"
-        store_url = _absolute(store_url)
-        self._ref = StoreRef(
-            store_url, tuple(sorted(options.items())) if "://" in store_url else ()
-        )
+        folder = open_folder(self.path, options, store=store, name=name, create=_create)
+        self.name = folder.name
+        remote = "://" in folder.store and not folder.store.startswith("file://")
+        self._ref = StoreRef(folder.store, tuple(sorted(options.items())) if remote else ())
         # Opened anew, so a store deleted since this process last used it is recreated.
         self.store = self._ref.open(fresh=True)
         self._nodes: dict[ds.NodeKey, NodeSpec] = {}
@@ -154,7 +161,7 @@ class Experiment:
         self._graph: Graph | None = None
 
     def __repr__(self) -> str:
-        return f"Experiment({self.path!r}, store={self.store.url!r})"
+        return f"Experiment({self.path!r}, name={self.name!r}, store={self.store.url!r})"
 
     # -- definition ----------------------------------------------------------------------------
 
@@ -198,7 +205,14 @@ class Experiment:
 
     # -- running -------------------------------------------------------------------------------
 
-    def run(self, scheduler: Any = None, *, progress: bool | None = None) -> RunReport:
+    def run(
+        self,
+        scheduler: Any = None,
+        *,
+        progress: bool | None = None,
+        lease_seconds: float = 60.0,
+        wait_timeout: float | None = None,
+    ) -> RunReport:
         """Compute every missing node, then run every Function; return what happened.
 
         Parameters
@@ -208,6 +222,11 @@ class Experiment:
             ``dask.distributed.Client``.
         progress
             Show a progress bar; default: when stderr is a terminal.
+        lease_seconds
+            How long a lease on a node being computed lasts unrenewed: another run that needs
+            the node waits for it, and takes over this long after its holder died.
+        wait_timeout
+            How long to wait for a node another run is computing (None: while it is alive).
         """
         start = time.perf_counter()
         nodes = list(self._nodes.values())
@@ -219,7 +238,9 @@ class Experiment:
             CallSpec(i, c.function, c.promise.node, tuple(sorted(tags[c.promise.key])))
             for i, c in enumerate(self._calls)
         ]
-        outcomes, returned = execute(plan, calls, self._ref, tags, scheduler, progress)
+        terms = LeaseTerms(f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}",
+                           lease_seconds, wait_timeout)  # fmt: skip
+        outcomes, returned = execute(plan, calls, self._ref, tags, terms, scheduler, progress)
         failed = [o for o in outcomes.values() if isinstance(o, Failed)]
         failures = [
             _describe_failure("", StatePromise(self, self._nodes[o.key]), o) for o in failed
@@ -242,6 +263,7 @@ class Experiment:
         report = RunReport(
             executed=tuple(k for k, o in outcomes.items() if isinstance(o, Done)),
             cached=tuple(n.key for n in nodes if n.key in plan.cached),
+            waited=tuple(k for k, o in outcomes.items() if isinstance(o, Waited)),
             failed=tuple(k for k, o in outcomes.items() if isinstance(o, Failed)),
             skipped=tuple(k for k, o in outcomes.items() if isinstance(o, Skipped)),
             results=tuple(results),
@@ -289,24 +311,17 @@ class Experiment:
         ]
         calls = [{"function": c.function.name, "node": c.promise.key.hex} for c in self._calls]
         state_class = class_path(self.state_class) if self.state_class is not None else None
-        records.append(
-            self._records,
-            "def",
-            {"state_class": state_class, "store": self.store.url, "nodes": nodes, "calls": calls},
-        )
+        document = {"state_class": state_class, "nodes": nodes, "calls": calls}
+        add_record(self.store, self.name, "def", self._nodes, document)
 
     def _record_run(self, report: RunReport) -> None:
-        records.append(
-            self._records,
-            "run",
-            {
-                "finished": time.time(),
-                "seconds": report.seconds,
-                "executed": [k.hex for k in report.executed],
-                "cached": [k.hex for k in report.cached],
-                "failed": [k.hex for k in report.failed],
-            },
-        )
+        document = {
+            "seconds": report.seconds,
+            "executed": [k.hex for k in report.executed],
+            "cached": [k.hex for k in report.cached],
+            "failed": [k.hex for k in report.failed],
+        }
+        add_record(self.store, self.name, "run", (), document)
 
     # -- analysis ------------------------------------------------------------------------------
 
@@ -314,7 +329,7 @@ class Experiment:
     def graph(self) -> Graph:
         """Every node this experiment has run, with tags, from its records (no payloads)."""
         if self._graph is None:
-            self._graph = Graph.from_records(self._records, self.store, self.state_class)
+            self._graph = Graph.from_records(self.store, self.name, self.state_class)
         return self._graph
 
     @classmethod
@@ -328,15 +343,8 @@ class Experiment:
     ) -> Experiment:
         """Reopen an experiment folder for analysis; ``slim=False`` also loads every state.
 
-        The store is the one given, else the one the experiment last ran against.
+        The store is the experiment's own, unless ``store`` says where it moved.
         """
-        if store is None:
-            options = dict(storage_options or {})
-            path_text = _absolute(path)
-            backend = open_backend(path_text, options if "://" in path_text else {})
-            records.check_marker(backend, create=False)
-            used = [d["store"] for d in records.read_all(backend, "def") if d.get("store")]
-            store = used[-1] if used else None
         exp = cls(path, None, store=store, storage_options=storage_options, _create=False)
         if not slim:
             for node in exp.graph.nodes:
@@ -354,12 +362,3 @@ def _describe_failure(prefix: str, promise: StatePromise, failed: Failed) -> str
         f"{where} (node {promise.key.hex[:12]}, tags: {tags}) failed: "
         f"{type(failed.error).__name__}: {failed.error}"
     )
-
-
-def _absolute(path: str | os.PathLike[str]) -> str:
-    # Workers (processes, other machines) must not resolve a relative path against their own
-    # working directory: the 2020 implementation's processes scheduler broke exactly so.
-    text = os.fspath(path)
-    if "://" in text:
-        return text
-    return os.path.abspath(text)

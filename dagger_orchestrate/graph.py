@@ -14,9 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 import dagger_store as ds
-from dagger_orchestrate import records
 from dagger_orchestrate.state import ExperimentState
-from dagger_store.backends.base import Backend
+from dagger_store.records import read_records
 
 if TYPE_CHECKING:
     import graphviz
@@ -130,9 +129,9 @@ class Graph:
 
     @classmethod
     def from_records(
-        cls, backend: Backend, store: ds.Store, state_class: type[ExperimentState] | None
+        cls, store: ds.Store, experiment: str, state_class: type[ExperimentState] | None
     ) -> Graph:
-        definitions = records.read_all(backend, "def")
+        definitions = read_records(store, experiment, "def")
         if state_class is None:
             names = [d["state_class"] for d in definitions if d.get("state_class")]
             state_class = _import_class(names[-1]) if names else ExperimentState

@@ -6,6 +6,7 @@ lab's own recipes.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -29,6 +30,7 @@ class State(dg.ExperimentState):
         }
         self.history: list[str] = []
         RUNS.append("init")
+        _log("init")
 
 
 class Train(dg.Recipe):
@@ -76,6 +78,27 @@ class Slow(dg.Recipe):
     def run(self, state: State) -> State:
         time.sleep(self.seconds)
         return state
+
+
+class Step(dg.Recipe):
+    """Logs to $DAGGER_TEST_LOG (so tests across processes can count executions), then sleeps
+    (unless $DAGGER_TEST_NO_SLEEP: the same node, computed quickly)."""
+
+    PROPERTIES = ["i", "seconds"]
+
+    def run(self, state: State) -> State:
+        _log(f"step {self.i}")
+        if not os.environ.get("DAGGER_TEST_NO_SLEEP"):
+            time.sleep(self.seconds)
+        state.history.append(f"step {self.i}")
+        return state
+
+
+def _log(line: str) -> None:
+    path = os.environ.get("DAGGER_TEST_LOG")
+    if path:
+        with open(path, "a") as log:  # one short O_APPEND write per line: atomic
+            log.write(f"{line}\n")
 
 
 class ReturnsNothing(dg.Recipe):

@@ -1,0 +1,130 @@
+"""Leases: who is computing a node right now, so that others wait instead of computing it twice.
+
+::
+
+    v1/leases/<node hex>/<generation>     msgpack {owner, host, pid, user, expires}
+
+A lease is a chain of write-once objects: generation n+1 is written only by whoever wins its
+create-if-absent, so acquiring, renewing and taking over an expired lease all go through the same
+atomic primitive as everything else (no overwrite, no lock server). The latest generation tells
+who holds the lease and until when.
+
+Leases are advice, never correctness: two runs that both compute a node (a lease expired while
+its owner was merely slow) still commit through the manifest's create-if-absent, first writer
+wins. Clocks: expiry is wall-clock time, so hosts sharing a store need roughly synchronised
+clocks (NTP); a skew smaller than the lease time only delays a takeover.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import msgpack
+
+from dagger_store.errors import NotFoundError, StoreError
+from dagger_store.keys import NodeKey
+from dagger_store.store import LAYOUT, Store
+
+LEASES = f"{LAYOUT}/leases/"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Generation ``generation`` of the lease on ``key``, held by ``owner`` until ``expires``."""
+
+    key: NodeKey
+    owner: str
+    generation: int
+    expires: float
+    host: str = ""
+    pid: int = 0
+
+    def live(self, now: float | None = None) -> bool:
+        return self.expires > (time.time() if now is None else now)
+
+
+def current(store: Store, key: NodeKey) -> Lease | None:
+    """The latest generation of the lease on ``key``, live or not; None if never leased."""
+    folder = f"{LEASES}{key.hex}/"
+    generations = sorted(int(k[len(folder) :]) for k in store.backend.iter_keys(folder))
+    for generation in reversed(generations):
+        try:
+            return _decode(key, generation, store.backend.read(f"{folder}{generation:012d}"))
+        except NotFoundError:  # released and removed meanwhile: look at the one before
+            continue
+    return None
+
+
+def acquire(store: Store, key: NodeKey, owner: str, seconds: float) -> Lease | None:
+    """Take the lease on ``key`` for ``seconds`` unless someone else holds a live one.
+
+    Returns the lease, or None when another owner holds it (or won the race to take it).
+    An expired lease is taken over.
+    """
+    latest = current(store, key)
+    if latest is not None and latest.live() and latest.owner != owner:
+        return None
+    return _write(store, key, owner, seconds, 0 if latest is None else latest.generation + 1)
+
+
+def renew(store: Store, lease: Lease, seconds: float) -> Lease | None:
+    """Extend ``lease``; None if it was lost (someone took it over after it expired)."""
+    return _write(store, lease.key, lease.owner, seconds, lease.generation + 1)
+
+
+def release(store: Store, lease: Lease) -> None:
+    """Give ``lease`` up now, so waiters need not wait for its expiry; never raises."""
+    try:
+        released = _write(store, lease.key, lease.owner, 0.0, lease.generation + 1)
+        delete = getattr(store.backend, "delete", None)
+        if released is None or delete is None:
+            return  # lost already (the chain is someone else's), or nothing can tidy it
+        # Tidy our part of the chain away; a newer generation is a new holder's: keep it.
+        folder = f"{LEASES}{lease.key.hex}/"
+        for old in list(store.backend.iter_keys(folder)):
+            if int(old[len(folder) :]) <= released.generation:
+                delete(old)
+    except StoreError:
+        pass  # advice only: an expiry frees it anyway
+
+
+def live_keys(store: Store, now: float | None = None) -> set[NodeKey]:
+    """Every node key with a live lease (roots that garbage collection must keep)."""
+    now = time.time() if now is None else now
+    folders = {k[len(LEASES) :].split("/", 1)[0] for k in store.backend.iter_keys(LEASES)}
+    found = set()
+    for hex_ in folders:
+        lease = current(store, NodeKey(hex_))
+        if lease is not None and lease.live(now):
+            found.add(lease.key)
+    return found
+
+
+def _write(store: Store, key: NodeKey, owner: str, seconds: float, generation: int) -> Lease | None:
+    lease = Lease(key, owner, generation, time.time() + seconds, socket.gethostname(), os.getpid())
+    document = {
+        "owner": owner,
+        "expires": lease.expires,
+        "host": lease.host,
+        "pid": lease.pid,
+        "user": _user(),
+    }
+    path = f"{LEASES}{key.hex}/{generation:012d}"
+    created = store.backend.write_once(path, msgpack.packb(document, use_bin_type=True))
+    return lease if created else None
+
+
+def _decode(key: NodeKey, generation: int, data: bytes) -> Lease:
+    doc = msgpack.unpackb(data, raw=False)
+    return Lease(key, doc["owner"], generation, doc["expires"], doc["host"], doc["pid"])
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return ""
