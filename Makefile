@@ -26,6 +26,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_orchestrate.py
+	$(PY) benchmarks/bench_collab.py
+	$(PY) benchmarks/bench_lab.py
 
 # Re-resolve the pins after changing dependencies (then run `make test`).
 lock:

@@ -43,13 +43,21 @@ class StoreRef:
 
     url: str
     storage_options: tuple[tuple[str, Any], ...] = ()
+    cache_dir: str | None = None  # remote stores: a local read-through copy; "~" is expanded
+    # on the machine that opens the store, so each worker caches on its own disk
+    trust: bool | None = None  # open_store's trust: may pickled attributes load from here
 
     def open(self, *, fresh: bool = False) -> ds.Store:
         """The process's Store for this URL; ``fresh`` opens (and checks) it anew."""
-        key = (self.url, repr(self.storage_options))  # options may hold unhashable dicts
+        key = (self.url, repr((self.storage_options, self.trust)))  # options: unhashable dicts
         with _stores_lock:
             if fresh or key not in _stores:
-                _stores[key] = ds.open_store(self.url, storage_options=dict(self.storage_options))
+                _stores[key] = ds.open_store(
+                    self.url,
+                    storage_options=dict(self.storage_options),
+                    cache_dir=os.path.expanduser(self.cache_dir) if self.cache_dir else None,
+                    trust=self.trust,
+                )
             return _stores[key]
 
 
@@ -242,7 +250,7 @@ def load_state(
     manifest = store.get_manifest(key)
     state = state_class.__new__(state_class)
     for name, spec in manifest.meta["attributes"].items():
-        setattr(state, name, load_attribute(store, manifest.blobs, name, spec))
+        setattr(state, name, load_attribute(store, manifest.blobs, name, spec, node=key))
     _label(state, key, tags)
     return state
 

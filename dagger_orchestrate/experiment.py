@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from blake3 import blake3
+
 import dagger_store as ds
 from dagger_orchestrate.execute import (
     CallSpec,
@@ -127,8 +129,16 @@ class Experiment:
     storage_options
         For s3:// locations (endpoint_url, key, secret, ...).
     name
-        The experiment's name in the store's records (``dagger ls``). Default: the folder's
-        name plus a short hash of its path.
+        The experiment's name in the store's records (``dagger-lab ls``). Default: the
+        folder's name plus a short hash of its path.
+    cache_dir
+        For a remote store, a local folder keeping a read-through copy of what is read, so a
+        state restored twice is downloaded once. True (default): ``$DAGGER_CACHE_DIR``, else
+        ``~/.cache/dagger``, one subfolder per store; False: no cache.
+    trust
+        Whether pickled attributes may load from the store (see ``dagger_store.open_store``);
+        default: a local store you created, or one whose manifests must be signed with the lab
+        key (``DAGGER_LAB_KEY``). True: you trust everyone who can write there.
     """
 
     def __init__(
@@ -139,6 +149,8 @@ class Experiment:
         store: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
         name: str | None = None,
+        cache_dir: str | bool = True,
+        trust: bool | None = None,
         _create: bool = True,
     ) -> None:
         if state_class is not None and not (
@@ -150,8 +162,13 @@ class Experiment:
         options = dict(storage_options or {})
         folder = open_folder(self.path, options, store=store, name=name, create=_create)
         self.name = folder.name
-        remote = "://" in folder.store and not folder.store.startswith("file://")
-        self._ref = StoreRef(folder.store, tuple(sorted(options.items())) if remote else ())
+        remote = folder.store.startswith("s3://")
+        self._ref = StoreRef(
+            folder.store,
+            tuple(sorted(options.items())) if remote else (),
+            _cache_dir(folder.store, cache_dir) if remote else None,
+            trust,
+        )
         # Opened anew, so a store deleted since this process last used it is recreated.
         self.store = self._ref.open(fresh=True)
         self._nodes: dict[ds.NodeKey, NodeSpec] = {}
@@ -230,9 +247,11 @@ class Experiment:
         """
         start = time.perf_counter()
         nodes = list(self._nodes.values())
+        # Recorded first, so that the cached nodes this run relies on are already garbage
+        # collection roots when it looks them up.
+        self._record_definition()
         plan = resolve(nodes, self.store)
         self._warn_stale(plan.cached)
-        self._record_definition()
         tags = {key: tuple(sorted(t)) for key, t in self._tags.items()}
         calls = [
             CallSpec(i, c.function, c.promise.node, tuple(sorted(tags[c.promise.key])))
@@ -340,12 +359,22 @@ class Experiment:
         *,
         store: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | bool = True,
+        trust: bool | None = None,
     ) -> Experiment:
         """Reopen an experiment folder for analysis; ``slim=False`` also loads every state.
 
         The store is the experiment's own, unless ``store`` says where it moved.
         """
-        exp = cls(path, None, store=store, storage_options=storage_options, _create=False)
+        exp = cls(
+            path,
+            None,
+            store=store,
+            storage_options=storage_options,
+            cache_dir=cache_dir,
+            trust=trust,
+            _create=False,
+        )
         if not slim:
             for node in exp.graph.nodes:
                 node.state = node.restore()
@@ -353,6 +382,15 @@ class Experiment:
 
 
 _warned: set[str] = set()
+
+
+def _cache_dir(store_url: str, wanted: str | bool) -> str | None:
+    if wanted is False:
+        return None
+    if isinstance(wanted, str):
+        return wanted
+    base = os.environ.get("DAGGER_CACHE_DIR") or "~/.cache/dagger"
+    return f"{base}/{blake3(store_url.encode()).hexdigest()[:16]}"
 
 
 def _describe_failure(prefix: str, promise: StatePromise, failed: Failed) -> str:

@@ -10,7 +10,7 @@ import fnmatch
 import importlib
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 import dagger_store as ds
@@ -191,9 +191,25 @@ class Graph:
         return len(self._order)
 
     def __str__(self) -> str:
+        return self.render()
+
+    def render(self, annotate: Callable[[GraphNode], str] | None = None) -> str:
+        """The text tree; ``annotate(node)``, if given, is appended to each node's line."""
         lines: list[str] = []
         for root in self.roots:
-            _render(root, "", "", lines)
+            stack = [(root, "", "")]
+            while stack:
+                node, first, rest = stack.pop()
+                tags = f"  [{', '.join(sorted(node.tags))}]" if node.tags else ""
+                note = f"  {annotate(node)}" if annotate else ""
+                lines.append(f"{first}{node.label}{tags}  {node.key.hex[:12]}{note}")
+                for i in reversed(range(len(node.children))):
+                    last = i == len(node.children) - 1
+                    branch = (
+                        rest + ("└── " if last else "├── "),
+                        rest + ("    " if last else "│   "),
+                    )
+                    stack.append((node.children[i], *branch))
         return "\n".join(lines)
 
     def draw(self, path: str | None = None) -> graphviz.Digraph:
@@ -227,24 +243,6 @@ def _preorder(root: GraphNode) -> Iterator[GraphNode]:
         node = stack.pop()
         yield node
         stack.extend(reversed(node.children))
-
-
-def _render(node: GraphNode, lead: str, child_lead: str, lines: list[str]) -> None:
-    stack = [(node, lead, child_lead)]
-    while stack:
-        current, first, rest = stack.pop()
-        tags = f"  [{', '.join(sorted(current.tags))}]" if current.tags else ""
-        lines.append(f"{first}{current.label}{tags}  {current.key.hex[:12]}")
-        children = current.children
-        for i in reversed(range(len(children))):
-            last = i == len(children) - 1
-            stack.append(
-                (
-                    children[i],
-                    rest + ("└── " if last else "├── "),
-                    rest + ("    " if last else "│   "),
-                )
-            )
 
 
 def _import_class(path: str) -> type[ExperimentState]:

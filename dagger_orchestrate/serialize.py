@@ -3,10 +3,14 @@
 - ``ndarray``: numpy arrays as their raw buffer, zero-copy both ways: never pickled.
 - ``torch``: torch tensors (when torch is imported; never a dependency) as their raw bytes.
 - ``msgpack``: plain data (None, bool, 64-bit int, float, str, bytes, lists, str-keyed dicts).
+- ``tree``: plain data that also holds tuples, arrays or tensors (a model's dict of weight
+  matrices, a ``(train, eval)`` pair of arrays): msgpack for the structure, each array a blob of
+  its own. No pickle, so it loads from any store, trusted or not.
 - ``pickle``: anything else, with protocol 5 and out-of-band buffers, so the arrays inside an
   object (a model's dict of weight matrices) still become separate content-addressed blobs; the
   tensors inside an object (an ``nn.Module``'s parameters) are pulled out the same way. Unpickling
-  runs code: only load pickled attributes from a store you trust.
+  runs code, so a pickled attribute loads only from a store that is ``trusted``
+  (``dagger_store.signing``); from any other, UntrustedError before a byte of it is read.
 
 An attribute a child inherits unchanged hashes to blobs that already exist, so it costs a hash
 and no write.
@@ -41,11 +45,24 @@ def save_attribute(store: ds.Store, name: str, value: Any) -> tuple[Entries, dic
         return {name: store.put(value)}, spec
     if _is_plain(value):
         return {name: store.put(msgpack.packb(value, use_bin_type=True))}, {"codec": "msgpack"}
+    if _is_tree(value, torch):
+        return _save_tree(store, name, value, torch)
     return _save_pickled(store, name, value, torch)
 
 
-def load_attribute(store: ds.Store, blobs: Mapping[str, ds.Digest], name: str, spec: Any) -> Any:
-    """Rebuild an attribute from its manifest entries (``blobs``) and codec ``spec``."""
+def load_attribute(
+    store: ds.Store,
+    blobs: Mapping[str, ds.Digest],
+    name: str,
+    spec: Any,
+    *,
+    node: ds.NodeKey | None = None,
+) -> Any:
+    """Rebuild an attribute from its manifest entries (``blobs``) and codec ``spec``.
+
+    ``node`` (the manifest's key) names the node in errors. UntrustedError for a pickled
+    attribute in a store that is not ``trusted``; every other codec loads from any store.
+    """
     codec = spec["codec"]
     if codec == "ndarray":
         array = np.empty(spec["shape"], dtype=np.dtype(spec["dtype"]))
@@ -55,7 +72,11 @@ def load_attribute(store: ds.Store, blobs: Mapping[str, ds.Digest], name: str, s
         return _load_tensor(store, blobs[name], spec)
     if codec == "msgpack":
         return msgpack.unpackb(store.get(blobs[name]), raw=False, strict_map_key=False)
+    if codec == "tree":
+        return _load_tree(store, blobs, name, spec)
     if codec == "pickle":
+        if not store.trusted:
+            raise _untrusted(store, name, node, blobs[name])
         buffers = []
         for i in range(spec["buffers"]):
             digest = blobs[f"{name}#{i}"]
@@ -69,6 +90,22 @@ def load_attribute(store: ds.Store, blobs: Mapping[str, ds.Digest], name: str, s
         return unpickler.load()
     raise ds.FormatError(
         f"attribute {name!r} has unknown codec {codec!r}: written by a newer dagger?", key=name
+    )
+
+
+def _untrusted(
+    store: ds.Store, name: str, node: ds.NodeKey | None, digest: ds.Digest
+) -> ds.UntrustedError:
+    which = f"of node {node}" if node is not None else f"(pickled in blob {digest})"
+    return ds.UntrustedError(
+        f"refusing to unpickle attribute {name!r} {which}: {store.url} is not a trusted "
+        "store, and unpickling runs code that anyone who can write there could have planted "
+        "(its arrays, tensors and plain data load regardless). For a shared store, configure "
+        "the lab key (DAGGER_LAB_KEY or DAGGER_LAB_KEY_FILE) and require signed manifests "
+        "(open_store(..., require_signatures=True), the default for a remote store with a lab "
+        "key); if you trust everyone who can write there, open_store(..., trust=True)",
+        key=node.hex if node is not None else "",
+        attribute=name,
     )
 
 
@@ -153,6 +190,83 @@ def _save_pickled(
         entries.update(tensor_entries)
         specs.append(spec)
     return entries, {"codec": "pickle", "buffers": len(buffers), "tensors": specs}
+
+
+# msgpack extension codes of the tree codec
+_TUPLE, _ARRAY, _TENSOR = 1, 2, 3
+
+
+def _is_tree(value: Any, torch: Any) -> bool:
+    kind = type(value)
+    if value is None or kind in (bool, float, str, bytes):
+        return True
+    if kind is int:
+        return bool(_MIN_INT <= value <= _MAX_INT)
+    if kind is np.ndarray:
+        return not value.dtype.hasobject
+    if torch is not None and kind is torch.Tensor:
+        return True
+    if kind in (list, tuple):
+        return all(_is_tree(v, torch) for v in value)
+    if kind is dict:
+        return all(type(k) is str and _is_tree(v, torch) for k, v in value.items())
+    return False
+
+
+def _save_tree(
+    store: ds.Store, name: str, value: Any, torch: Any
+) -> tuple[Entries, dict[str, Any]]:
+    arrays: list[np.ndarray[Any, Any]] = []
+    tensors: list[Any] = []
+
+    def refer(obj: Any) -> msgpack.ExtType:
+        if type(obj) is tuple:
+            return msgpack.ExtType(_TUPLE, pack(list(obj)))
+        if type(obj) is np.ndarray:
+            arrays.append(obj)
+            return msgpack.ExtType(_ARRAY, pack(len(arrays) - 1))
+        tensors.append(obj)
+        return msgpack.ExtType(_TENSOR, pack(len(tensors) - 1))
+
+    def pack(obj: Any) -> bytes:
+        # strict types: tuples reach `refer` instead of silently becoming lists
+        packed: bytes = msgpack.packb(obj, default=refer, strict_types=True, use_bin_type=True)
+        return packed
+
+    structure = pack(value)
+    entries = {name: store.put(structure)}
+    for i, digest in enumerate(store.put_many(arrays)):
+        entries[f"{name}#{i}"] = digest
+    tensor_specs = []
+    for i, tensor in enumerate(tensors):
+        tensor_entries, spec = _save_tensor(store, f"{name}@{i}", tensor, torch)
+        entries.update(tensor_entries)
+        tensor_specs.append(spec)
+    shapes = [{"dtype": a.dtype.str, "shape": list(a.shape)} for a in arrays]
+    return entries, {"codec": "tree", "arrays": shapes, "tensors": tensor_specs}
+
+
+def _load_tree(store: ds.Store, blobs: Mapping[str, ds.Digest], name: str, spec: Any) -> Any:
+    arrays = []
+    for i, shape in enumerate(spec["arrays"]):
+        array = np.empty(shape["shape"], dtype=np.dtype(shape["dtype"]))
+        store.get_into(blobs[f"{name}#{i}"], array)
+        arrays.append(array)
+    tensors = [_load_tensor(store, blobs[f"{name}@{i}"], t) for i, t in enumerate(spec["tensors"])]
+
+    def resolve(code: int, data: bytes) -> Any:
+        if code == _TUPLE:
+            return tuple(unpack(data))
+        if code == _ARRAY:
+            return arrays[unpack(data)]
+        if code == _TENSOR:
+            return tensors[unpack(data)]
+        raise ds.FormatError(f"attribute {name!r} has unknown tree element {code}", key=name)
+
+    def unpack(data: bytes) -> Any:
+        return msgpack.unpackb(data, ext_hook=resolve, raw=False, strict_map_key=False)
+
+    return unpack(store.get(blobs[name]))
 
 
 def _is_plain(value: Any) -> bool:

@@ -22,10 +22,12 @@ from dagger_store.errors import (
     StoreError,
     StoreOpenError,
     UnencodableValueError,
+    UntrustedError,
 )
 from dagger_store.keys import KEY_SCHEMA, NodeKey, canonical_encode, node_key
 from dagger_store.manifest import Manifest
 from dagger_store.open import open_store
+from dagger_store.signing import LabKey
 from dagger_store.store import Commit, Store, VerifyReport
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "IncompleteManifestError",
     "IntegrityError",
     "InvalidKeyError",
+    "LabKey",
     "Manifest",
     "NodeKey",
     "NotFoundError",
@@ -45,6 +48,7 @@ __all__ = [
     "StoreError",
     "StoreOpenError",
     "UnencodableValueError",
+    "UntrustedError",
     "VerifyReport",
     "canonical_encode",
     "node_key",

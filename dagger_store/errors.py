@@ -10,6 +10,8 @@
     ├── UnencodableValueError(TypeError)    a value with no deterministic encoding for a node key
     ├── FormatError(ValueError)             an object written in a format this version cannot read
     ├── StoreOpenError                      a URL that cannot be opened as a store
+    ├── UntrustedError(PermissionError)     data that would run code (a pickle) from a store not
+    │                                       trusted, or a manifest whose signature is missing/wrong
     └── BackendError(OSError)               the storage itself failed (permissions, network, disk)
 
 Backend exceptions are translated into this tree once, at the seam (``backends/``), so callers
@@ -75,6 +77,22 @@ class StoreOpenError(StoreError):
     def __init__(self, message: str, *, url: str) -> None:
         super().__init__(message)
         self.url = url
+
+
+class UntrustedError(StoreError, PermissionError):
+    """Refused: loading this would trust data that anyone able to write the store could forge.
+
+    Raised before a pickled attribute is unpickled from a store that is not trusted (``key``
+    names the node, ``attribute`` the attribute), and for a manifest that is unsigned where
+    signatures are required or whose signature does not match the lab key (``key`` names the
+    manifest). Never carries the lab key or any credential.
+    """
+
+    # Defaults, so that the error survives pickling (outcomes cross process boundaries).
+    def __init__(self, message: str = "", *, key: str = "", attribute: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+        self.attribute = attribute
 
 
 class BackendError(StoreError, OSError):

@@ -3,9 +3,21 @@
 A manifest names blobs (each named entry is one blob; a caller groups them as it likes, e.g.
 ``"model/0"``) and carries free metadata made of plain data (description, provenance, timings).
 
-On storage: ``b"DAGM"``, the format version, three zero bytes, the BLAKE3 of the payload, and
-the payload: canonical msgpack (sorted keys, tuples as lists), so equal manifests are equal bytes.
-The checksum makes a flipped byte an IntegrityError instead of a plausible wrong answer.
+On storage (a ``Frame``), byte by byte::
+
+    0   b"DAGM"
+    4   format version (1)
+    5   flags: bit 0 set = signed; other bits zero (else IntegrityError)
+    6   two zero bytes
+    8   BLAKE3 of the payload (32 bytes)
+    40  signed only: the HMAC-SHA256 signature under the lab key (32 bytes; see ``signing.py``)
+    40 or 72: the payload: canonical msgpack (sorted keys, tuples as lists)
+
+So equal manifests are equal payloads, and an unsigned manifest is equal bytes. The checksum makes
+a flipped byte an IntegrityError instead of a plausible wrong answer; anyone can recompute it,
+which is what the signature is for: only a holder of the lab key can make one that verifies. The
+signature is not part of the Manifest value (nor of its equality): the Store signs what it commits
+and checks a frame's signature before its payload is decoded.
 """
 
 from __future__ import annotations
@@ -23,10 +35,64 @@ from dagger_store.errors import FormatError, IntegrityError, InvalidKeyError
 
 MAGIC = b"DAGM"
 FORMAT_VERSION = 1
-_HEADER = MAGIC + bytes([FORMAT_VERSION, 0, 0, 0])
+SIGNED = 0x01  # flags bit 0
+SIGNATURE_SIZE = 32
+_HEADER = 8
 _CHECKSUM = 32
 _MAX_INT = 2**64 - 1
 _MIN_INT = -(2**63)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A stored manifest taken apart: its payload and, if it was signed, its signature.
+
+    ``parse`` checks the header and the checksum; whether the signature is valid is for the
+    reader to decide (``Store``, through ``signing.Signatures``) before it decodes the payload.
+    """
+
+    payload: bytes
+    signature: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.signature is not None and len(self.signature) != SIGNATURE_SIZE:
+            raise ValueError(f"a manifest signature has {SIGNATURE_SIZE} bytes")
+
+    def encode(self) -> bytes:
+        """The stored bytes: header, checksum, the signature if any, payload."""
+        checksum = blake3(self.payload).digest()
+        if self.signature is None:
+            return MAGIC + bytes([FORMAT_VERSION, 0, 0, 0]) + checksum + self.payload
+        return (
+            MAGIC + bytes([FORMAT_VERSION, SIGNED, 0, 0]) + checksum + self.signature + self.payload
+        )
+
+    @classmethod
+    def parse(cls, data: bytes, *, key: str) -> Frame:
+        """Split stored bytes, verifying header and checksum; ``key`` names them in errors."""
+        if len(data) < _HEADER + _CHECKSUM or data[:4] != MAGIC:
+            raise IntegrityError(f"manifest {key!r} has no valid header (truncated?)", key=key)
+        if data[4] != FORMAT_VERSION:
+            raise FormatError(
+                f"manifest {key!r} has format version {data[4]}; this dagger reads version "
+                f"{FORMAT_VERSION}: upgrade dagger",
+                key=key,
+            )
+        flags = data[5]
+        if flags & ~SIGNED or data[6:8] != b"\0\0":
+            # Version 1 defines these bits: any other value is a damaged header.
+            raise IntegrityError(
+                f"manifest {key!r} has unknown header flags {data[5:8].hex()}: corrupt", key=key
+            )
+        checksum = data[_HEADER : _HEADER + _CHECKSUM]
+        start = _HEADER + _CHECKSUM + (SIGNATURE_SIZE if flags & SIGNED else 0)
+        if len(data) < start:
+            raise IntegrityError(f"manifest {key!r} is truncated", key=key)
+        payload = data[start:]
+        if blake3(payload).digest() != checksum:
+            raise IntegrityError(f"manifest {key!r} fails its checksum: corrupt", key=key)
+        signature = data[_HEADER + _CHECKSUM : start] if flags & SIGNED else None
+        return cls(payload, signature)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,31 +128,31 @@ class Manifest:
         object.__setattr__(self, "blobs", MappingProxyType(dict(sorted(self.blobs.items()))))
         object.__setattr__(self, "meta", MappingProxyType(meta))
 
-    def encode(self) -> bytes:
-        """The stored form: header, checksum, canonical msgpack."""
-        payload = msgpack.packb(
+    def payload(self) -> bytes:
+        """The canonical msgpack of this manifest: equal manifests, equal bytes."""
+        return msgpack.packb(
             {
                 "blobs": {n: [d.algorithm, d.hex, d.size] for n, d in self.blobs.items()},
                 "meta": dict(self.meta),
             },
             use_bin_type=True,
         )
-        return _HEADER + blake3(payload).digest() + payload
+
+    def encode(self) -> bytes:
+        """The stored form, unsigned: header, checksum, canonical msgpack."""
+        return Frame(self.payload()).encode()
 
     @classmethod
     def decode(cls, data: bytes, *, key: str) -> Manifest:
-        """Parse and verify a stored manifest; ``key`` names it in errors."""
-        if len(data) < len(_HEADER) + _CHECKSUM or data[:4] != MAGIC:
-            raise IntegrityError(f"manifest {key!r} has no valid header (truncated?)", key=key)
-        if data[4] != FORMAT_VERSION:
-            raise FormatError(
-                f"manifest {key!r} has format version {data[4]}; this dagger reads version "
-                f"{FORMAT_VERSION}: upgrade dagger",
-                key=key,
-            )
-        checksum, payload = data[8 : 8 + _CHECKSUM], data[8 + _CHECKSUM :]
-        if blake3(payload).digest() != checksum:
-            raise IntegrityError(f"manifest {key!r} fails its checksum: corrupt", key=key)
+        """Parse and verify a stored manifest; ``key`` names it in errors.
+
+        Checks the checksum, not a signature (that takes the lab key: ``Store`` does it).
+        """
+        return cls.from_payload(Frame.parse(data, key=key).payload, key=key)
+
+    @classmethod
+    def from_payload(cls, payload: bytes, *, key: str) -> Manifest:
+        """The manifest in a verified frame's payload; FormatError if it is not one."""
         try:
             doc = msgpack.unpackb(payload, raw=False, strict_map_key=True)
             blobs = {n: Digest(a, h, s) for n, (a, h, s) in doc["blobs"].items()}

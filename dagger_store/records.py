@@ -2,7 +2,7 @@
 
 ::
 
-    v1/experiments/<name>/<utc time>-<random>.<kind>      msgpack documents
+    v1/experiments/<name>/<time in ns>-<random>.<kind>     msgpack documents
 
 Nothing is ever read-modified-written: two collaborators adding to one experiment at the same
 time each write their own object, so nothing is lost and nothing needs a lock. An experiment is
@@ -46,8 +46,8 @@ def add_record(
     check_name(experiment)
     if not _KIND.fullmatch(kind):
         raise InvalidKeyError(f"invalid record kind {kind!r}: use 1-16 lowercase letters")
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    key = f"{EXPERIMENTS}{experiment}/{stamp}-{uuid.uuid4().hex}.{kind}"
+    # Nanoseconds first, so names sort oldest first (to the clock's word) across machines.
+    key = f"{EXPERIMENTS}{experiment}/{time.time_ns():020d}-{uuid.uuid4().hex}.{kind}"
     body = {**document, "keys": [k.hex for k in keys], "written": time.time()}
     store.backend.write_once(key, msgpack.packb(body, use_bin_type=True))
     return key

@@ -14,10 +14,14 @@ Invariants:
 - Commit order: every blob a manifest names is durable before the manifest is written, once
   (first writer wins). A manifest counts only when every blob it names exists, so a crash
   between blobs and manifest, or a lost blob, is a miss and never a hit with holes.
+- With a lab key, every manifest committed is signed; a signature read is checked before the
+  manifest is decoded, and where signatures are required an unsigned or mis-signed manifest is
+  never a hit (``signing.py``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dagger_store import codecs
-from dagger_store.backends.base import Backend, SupportsReadInto
+from dagger_store.backends.base import Backend, SupportsReadInto, refresh, write_or_refresh
 from dagger_store.codecs import HEADER_SIZE, Codec, Compressor
 from dagger_store.digest import (
     ALGORITHM,
@@ -41,9 +45,11 @@ from dagger_store.errors import (
     IntegrityError,
     NotFoundError,
     StoreError,
+    UntrustedError,
 )
 from dagger_store.keys import NodeKey
-from dagger_store.manifest import Manifest
+from dagger_store.manifest import Frame, Manifest
+from dagger_store.signing import LabKey, Signatures, trusted_location
 
 LAYOUT = "v1"
 BLOBS = f"{LAYOUT}/blobs/"
@@ -55,6 +61,8 @@ _READ_INTO_ABOVE = 1024 * 1024
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,20 +102,54 @@ class Store:
         release the GIL). Default: 4 or the number of cores, whichever is more.
     compression_level
         zstd level for blobs where compression pays; 0 stores everything raw.
+    lab_key
+        Signs every manifest this store commits, and checks every signature it reads.
+    require_signatures
+        Refuse manifests that are unsigned or whose signature does not verify (needs
+        ``lab_key``): they are never hits, and ``get_manifest`` raises UntrustedError.
+    trusted
+        Whether pickled attributes may be loaded from here (``trusted``). Default: trusted when
+        signatures are required, or for memory and for a folder whose marker you own.
     """
 
     def __init__(
-        self, backend: Backend, *, workers: int | None = None, compression_level: int = 3
+        self,
+        backend: Backend,
+        *,
+        workers: int | None = None,
+        compression_level: int = 3,
+        lab_key: LabKey | None = None,
+        require_signatures: bool = False,
+        trusted: bool | None = None,
     ) -> None:
+        self._signatures = Signatures(lab_key, require_signatures)
         self.backend = backend
         self._pool = ThreadPoolExecutor(
             max_workers=workers or max(4, os.cpu_count() or 1), thread_name_prefix="dagger-store"
         )
         self._compressor = Compressor(compression_level)
+        if trusted is None:
+            trusted = require_signatures or trusted_location(backend)
+        self._trusted = trusted
 
     @property
     def url(self) -> str:
         return self.backend.url
+
+    @property
+    def trusted(self) -> bool:
+        """Whether data that runs code when loaded (pickled attributes) may come from here."""
+        return self._trusted
+
+    @property
+    def signs(self) -> bool:
+        """Whether ``commit`` signs manifests (a lab key is configured)."""
+        return self._signatures.lab_key is not None
+
+    @property
+    def require_signatures(self) -> bool:
+        """Whether unsigned or mis-signed manifests are refused."""
+        return self._signatures.required
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -136,7 +178,7 @@ class Store:
             return self._put_leaf(view, compress)
         digests = self._map(lambda leaf: self._put_leaf(leaf, compress), leaves)
         top = tree_digest(len(view), digests)
-        self.backend.write_once(_blob_key(top), codecs.encode_index(top.size, digests))
+        write_or_refresh(self.backend, _blob_key(top), codecs.encode_index(top.size, digests))
         return top
 
     def put_many(self, values: Sequence[Any]) -> list[Digest]:
@@ -155,10 +197,13 @@ class Store:
     def _put_leaf(self, leaf: memoryview, compress: bool) -> Digest:
         digest = leaf_digest(leaf)
         key = _blob_key(digest)
-        if len(leaf) > _ASK_FIRST_ABOVE and self.backend.exists_many([key])[0]:
+        # Content found present is touched (refresh): it may be old and unreferenced, and the
+        # touch gives it a garbage collector's grace period until our manifest names it.
+        present = len(leaf) > _ASK_FIRST_ABOVE and self.backend.exists_many([key])[0]
+        if present and refresh(self.backend, key):
             return digest
         head, payload = self._compressor.encode_leaf(leaf, compress)
-        self.backend.write_once(key, head, payload)
+        write_or_refresh(self.backend, key, head, payload)
         return digest
 
     def get(self, digest: Digest) -> bytes:
@@ -295,14 +340,17 @@ class Store:
                 key=str(key),
                 missing=tuple(missing),
             )
-        if self.backend.write_once(_manifest_key(key), manifest.encode()):
+        payload = manifest.payload()
+        frame = Frame(payload, self._signatures.sign(key, payload))
+        if self.backend.write_once(_manifest_key(key), frame.encode()):
             return Commit(key, manifest, won=True)
         return Commit(key, self.get_manifest(key), won=False)
 
     def get_manifest(self, key: NodeKey) -> Manifest:
         """The manifest stored under ``key``, verified and complete.
 
-        NotFoundError if there is none; IncompleteManifestError if blobs it names are missing.
+        NotFoundError if there is none; IncompleteManifestError if blobs it names are missing;
+        UntrustedError if it is unsigned where signatures are required, or mis-signed.
         """
         manifest = self._read_manifest(key)
         missing = self._missing_blobs(manifest)
@@ -322,7 +370,8 @@ class Store:
         return [k for k in keys if k not in found]
 
     def manifests(self, keys: Iterable[NodeKey]) -> dict[NodeKey, Manifest]:
-        """The complete manifests among ``keys``; absent and incomplete ones are left out.
+        """The complete manifests among ``keys``; absent, incomplete and untrusted (unsigned where
+        signatures are required, or mis-signed: logged as a warning) ones are left out.
 
         Batched: one existence round for the manifests, their reads in parallel, then one
         existence round for every blob they name.
@@ -332,14 +381,13 @@ class Store:
             _check_node_key(key)
         present = self.backend.exists_many([_manifest_key(k) for k in keys])
         found = sorted({k for k, p in zip(keys, present, strict=True) if p})
-        manifests = self._map(self._read_manifest, found)
-        digests = sorted({d for m in manifests for d in m.blobs.values()}, key=lambda d: d.hex)
+        read = dict(zip(found, self._map(self._trusted_manifest_or_none, found), strict=True))
+        manifests = {k: m for k, m in read.items() if m is not None}
+        digests = sorted(
+            {d for m in manifests.values() for d in m.blobs.values()}, key=lambda d: d.hex
+        )
         stored = dict(zip(digests, self.has_blobs(digests), strict=True))
-        return {
-            k: m
-            for k, m in zip(found, manifests, strict=True)
-            if all(stored[d] for d in m.blobs.values())
-        }
+        return {k: m for k, m in manifests.items() if all(stored[d] for d in m.blobs.values())}
 
     def manifest_keys(self) -> Iterator[NodeKey]:
         """Every node key that has a manifest (complete or not)."""
@@ -352,7 +400,16 @@ class Store:
             data = self.backend.read(path)
         except NotFoundError as exc:
             raise NotFoundError(f"no manifest for node {key} in {self.url}", key=path) from exc
-        return Manifest.decode(data, key=path)
+        frame = Frame.parse(data, key=path)
+        self._signatures.check(key, frame, self.url)  # before a byte of the payload is decoded
+        return Manifest.from_payload(frame.payload, key=path)
+
+    def _trusted_manifest_or_none(self, key: NodeKey) -> Manifest | None:
+        try:
+            return self._read_manifest(key)
+        except UntrustedError as exc:
+            logger.warning("not a cache hit: %s", exc)
+            return None
 
     def _missing_blobs(self, manifest: Manifest) -> list[str]:
         digests = list(manifest.blobs.values())

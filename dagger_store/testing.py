@@ -7,6 +7,10 @@ backend per test) and ``plant`` (write straight into the storage, not through th
         @pytest.fixture
         def backend(self, tmp_path): ...
         def plant(self, backend, key, data): ...
+        def age(self, backend, key, seconds): ...   # optional: see BackendContract.age
+
+The optional capabilities (``read_into``; ``delete``, ``iter_entries`` and ``touch`` for garbage
+collection) are tested on every backend that offers them.
 
 Never silence a test in a subclass; mark it ``xfail(strict=True, reason=...)`` if a backend
 truly cannot pass it.
@@ -15,12 +19,21 @@ truly cannot pass it.
 from __future__ import annotations
 
 import array
+import math
 import threading
+import time
 from typing import Any
 
 import pytest
 
-from dagger_store.backends.base import Backend, SupportsReadInto
+from dagger_store.backends.base import (
+    Backend,
+    Entry,
+    SupportsDelete,
+    SupportsEntries,
+    SupportsReadInto,
+    SupportsTouch,
+)
 from dagger_store.errors import InvalidKeyError, NotFoundError, StoreError
 
 BAD_KEYS = ["", "/abs", "a//b", "../up", "a/../b", "a/./b", ".hidden", "a/", "sp ace", "é"]
@@ -31,6 +44,14 @@ class BackendContract:
 
     def plant(self, backend: Any, key: str, data: bytes) -> None:
         raise NotImplementedError  # write directly to the storage, NOT through the backend
+
+    def age(self, backend: Any, key: str, seconds: float) -> bool:
+        """Make ``key`` look ``seconds`` older, directly in the storage; False if impossible.
+
+        Where it is impossible (S3 sets LastModified itself), the tests of modification times
+        wait a little over a second instead (S3 times have one-second resolution).
+        """
+        return False
 
     def test_is_a_backend(self, backend: Backend) -> None:
         assert isinstance(backend, Backend)
@@ -137,3 +158,97 @@ class BackendContract:
         for key in ("nope", "../x"):
             with pytest.raises(StoreError):
                 backend.read(key)
+
+    # -- capabilities for garbage collection: delete, iter_entries, touch -----------------------
+
+    def _make_old(self, backend: Any, key: str) -> float:
+        """Make ``key`` older than the returned instant, which lies in the past."""
+        if self.age(backend, key, 3600):
+            return time.time() - 1800
+        time.sleep(1.1)
+        return float(math.floor(time.time()))
+
+    def _modified(self, backend: SupportsEntries, key: str) -> float:
+        (entry,) = [e for e in backend.iter_entries(key.rsplit("/", 1)[0] + "/") if e.key == key]
+        return entry.modified
+
+    def test_delete_frees_the_key(self, backend: Backend) -> None:
+        if not isinstance(backend, SupportsDelete):
+            pytest.skip("backend does not offer delete (no garbage collection there)")
+        backend.write_once("d/gone", b"first")
+        backend.write_once("d/kept", b"kept")
+        assert backend.delete("d/gone")
+        assert backend.exists_many(["d/gone", "d/kept"]) == [False, True]
+        with pytest.raises(NotFoundError):
+            backend.read("d/gone")
+        assert set(backend.iter_keys("d/")) == {"d/kept"}
+        assert not backend.delete("d/gone")
+        assert not backend.delete("never/written")
+        assert backend.write_once("d/gone", b"second")  # write-once starts afresh
+        assert backend.read("d/gone") == b"second"
+        assert backend.read("d/kept") == b"kept"
+
+    def test_delete_only_what_is_older_than_asked(self, backend: Backend) -> None:
+        if not isinstance(backend, SupportsDelete):
+            pytest.skip("backend does not offer delete (no garbage collection there)")
+        backend.write_once("m/k", b"v")
+        now = time.time()
+        assert not backend.delete("m/k", modified_before=now - 3600)  # too new to go
+        assert backend.read("m/k") == b"v"
+        assert backend.delete("m/k", modified_before=now + 3600)
+        assert backend.exists_many(["m/k"]) == [False]
+        assert not backend.delete("m/k", modified_before=now + 3600)
+
+    def test_entries_list_exactly_the_keys_with_sizes(self, backend: Backend) -> None:
+        if not isinstance(backend, SupportsEntries):
+            pytest.skip("backend does not offer iter_entries")
+        values = {"e/a": b"", "e/b/c": b"x" * 10, "e/b/d": bytes(range(256)) * 40, "top": b"t"}
+        before = time.time()
+        for key, value in values.items():
+            backend.write_once(key, value)
+        backend.write_once("top", b"a losing write changes nothing")
+        after = time.time()
+        entries = list(backend.iter_entries())
+        assert all(isinstance(e, Entry) for e in entries)
+        assert sorted((e.key, e.size) for e in entries) == sorted(
+            (k, len(v)) for k, v in values.items()
+        )
+        for entry in entries:  # the storage's clock, at one-second resolution on S3
+            assert before - 2 <= entry.modified <= after + 2, entry
+        assert {e.key for e in backend.iter_entries("e/b/")} == {"e/b/c", "e/b/d"}
+        assert list(backend.iter_entries("nothing/")) == []
+        assert {e.key for e in entries} == set(backend.iter_keys())
+
+    def test_touch_moves_modified_forward(self, backend: Backend) -> None:
+        if not isinstance(backend, SupportsTouch) or not isinstance(backend, SupportsEntries):
+            pytest.skip("backend does not offer touch and iter_entries")
+        backend.write_once("t/k", b"value")
+        cutoff = self._make_old(backend, "t/k")
+        assert self._modified(backend, "t/k") < cutoff
+        assert backend.touch("t/k")
+        assert cutoff <= self._modified(backend, "t/k") <= time.time() + 2
+        assert backend.read("t/k") == b"value"
+        assert not backend.write_once("t/k", b"other")
+        assert backend.read("t/k") == b"value"
+        assert not backend.touch("t/missing")
+        assert backend.exists_many(["t/missing"]) == [False]
+
+    def test_a_touched_key_survives_a_delete_decided_before(self, backend: Backend) -> None:
+        if not isinstance(backend, SupportsTouch) or not isinstance(backend, SupportsDelete):
+            pytest.skip("backend does not offer touch and delete")
+        backend.write_once("g/k", b"reused")
+        cutoff = self._make_old(backend, "g/k")  # a collector lists it now: older than cutoff
+        assert backend.touch("g/k")  # then a writer reuses it
+        assert not backend.delete("g/k", modified_before=cutoff)
+        assert backend.read("g/k") == b"reused"
+
+    @pytest.mark.parametrize("key", ["", "../up", "a//b", ".hidden", "a/"])
+    def test_capabilities_refuse_bad_keys(self, backend: Backend, key: str) -> None:
+        if isinstance(backend, SupportsDelete):
+            with pytest.raises(InvalidKeyError):
+                backend.delete(key)
+            with pytest.raises(InvalidKeyError):
+                backend.delete(key, modified_before=time.time() + 3600)
+        if isinstance(backend, SupportsTouch):
+            with pytest.raises(InvalidKeyError):
+                backend.touch(key)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -11,11 +14,20 @@ from typing import Any
 import pytest
 import s3fs
 
-from dagger_store.backends.base import Buffer
+from dagger_store.backends import local
+from dagger_store.backends.base import (
+    Buffer,
+    Entry,
+    SupportsDelete,
+    SupportsEntries,
+    SupportsScratch,
+    SupportsTouch,
+)
+from dagger_store.backends.cached import CachedBackend
 from dagger_store.backends.local import LocalBackend
 from dagger_store.backends.memory import MemoryBackend
 from dagger_store.backends.s3 import MAX_IN_FLIGHT, S3Backend, open_s3_backend
-from dagger_store.errors import BackendError, NotFoundError, StoreOpenError
+from dagger_store.errors import BackendError, InvalidKeyError, NotFoundError, StoreOpenError
 from dagger_store.testing import BackendContract
 
 SECRET_OPTIONS = {"key": "AKIADAGGERKEYID", "secret": "dagger-secret-never-print-me"}
@@ -28,6 +40,11 @@ class TestMemoryBackend(BackendContract):
 
     def plant(self, backend: MemoryBackend, key: str, data: bytes) -> None:
         backend._values[key] = data
+        backend._modified[key] = time.time()
+
+    def age(self, backend: MemoryBackend, key: str, seconds: float) -> bool:
+        backend._modified[key] -= seconds
+        return True
 
 
 class TestLocalBackend(BackendContract):
@@ -39,6 +56,111 @@ class TestLocalBackend(BackendContract):
         path = backend.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
+    def age(self, backend: LocalBackend, key: str, seconds: float) -> bool:
+        info = (backend.root / key).stat()
+        os.utime(backend.root / key, (info.st_atime, info.st_mtime - seconds))
+        return True
+
+    def test_touch_refreshes_another_users_object_by_an_equal_copy(
+        self, backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        backend.write_once("o/theirs", b"their value")
+        self.age(backend, "o/theirs", 3600)
+        before = (backend.root / "o/theirs").stat()
+
+        def refused(*args: Any, **kwargs: Any) -> None:
+            raise PermissionError(1, "Operation not permitted")  # as for a non-owner
+
+        monkeypatch.setattr(local.os, "utime", refused)
+        assert backend.touch("o/theirs")
+        after = (backend.root / "o/theirs").stat()
+        assert after.st_mtime > before.st_mtime + 3000 and after.st_ino != before.st_ino
+        assert stat.S_IMODE(after.st_mode) == stat.S_IMODE(before.st_mode)  # read-only still
+        assert backend.read("o/theirs") == b"their value"
+        assert list(backend.iter_scratch()) == []  # no temp file left behind
+        assert not backend.touch("o/missing")
+
+    def test_delete_puts_back_a_file_touched_while_it_was_judged(
+        self, backend: LocalBackend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        backend.write_once("j/k", b"reused")
+        self.age(backend, "j/k", 3600)
+        rename = os.rename
+
+        def touched_just_before(src: Any, dst: Any) -> None:
+            backend.touch("j/k")  # a writer reuses it between the age check and the rename
+            rename(src, dst)
+
+        monkeypatch.setattr(local.os, "rename", touched_just_before)
+        assert not backend.delete("j/k", modified_before=time.time() - 1800)
+        monkeypatch.undo()
+        assert backend.read("j/k") == b"reused"
+        assert list(backend.iter_scratch()) == []
+        self.age(backend, "j/k", 3600)
+        assert backend.delete("j/k", modified_before=time.time() - 1800)
+        assert backend.exists_many(["j/k"]) == [False] and list(backend.iter_scratch()) == []
+
+    def test_scratch_lists_and_removes_stale_temp_files_only(self, backend: LocalBackend) -> None:
+        backend.write_once("k", b"v")
+        assert list(backend.iter_scratch()) == []
+        tmp = backend.root / ".tmp"
+        (tmp / "tmp-old").write_bytes(b"x" * 10)
+        (tmp / "tmp-new").write_bytes(b"y")
+        os.utime(tmp / "tmp-old", (0, time.time() - 7200))
+        entries = {e.key: e for e in backend.iter_scratch()}
+        assert {k: e.size for k, e in entries.items()} == {".tmp/tmp-old": 10, ".tmp/tmp-new": 1}
+        cutoff = time.time() - 3600
+        assert backend.delete_scratch(".tmp/tmp-old", modified_before=cutoff)
+        assert not backend.delete_scratch(".tmp/tmp-new", modified_before=cutoff)
+        assert not backend.delete_scratch(".tmp/tmp-old", modified_before=cutoff)
+        assert [e.key for e in backend.iter_scratch()] == [".tmp/tmp-new"]
+        assert list(backend.iter_keys()) == ["k"]  # scratch is never a key
+        for name in ("k", ".tmp", ".tmp/../k", ".tmp/a/b", "v1/.tmp/x"):
+            with pytest.raises(InvalidKeyError):
+                backend.delete_scratch(name, modified_before=cutoff)
+
+
+class TestCachedBackend(BackendContract):
+    """A remote (a memory backend here) with a read-through local copy."""
+
+    @pytest.fixture
+    def backend(self, tmp_path: Path) -> CachedBackend:
+        return CachedBackend(MemoryBackend("memory://remote"), LocalBackend(tmp_path))
+
+    def plant(self, backend: CachedBackend, key: str, data: bytes) -> None:
+        assert isinstance(backend.remote, MemoryBackend)
+        TestMemoryBackend().plant(backend.remote, key, data)
+
+    def age(self, backend: CachedBackend, key: str, seconds: float) -> bool:
+        assert isinstance(backend.remote, MemoryBackend)
+        return TestMemoryBackend().age(backend.remote, key, seconds)
+
+    def test_delete_removes_the_cached_copy_too(self, backend: CachedBackend) -> None:
+        backend.write_once("c/k", b"v")
+        assert backend.read("c/k") == b"v"
+        assert backend.cache.exists_many(["c/k"]) == [True]
+        assert backend.delete("c/k")
+        assert backend.cache.exists_many(["c/k"]) == [False]
+        with pytest.raises(NotFoundError):
+            backend.read("c/k")
+
+    def test_ages_and_touches_are_the_remotes(self, backend: CachedBackend) -> None:
+        backend.write_once("c/k", b"v")
+        self.age(backend, "c/k", 3600)
+        assert [e.modified < time.time() - 3000 for e in backend.iter_entries()] == [True]
+        assert backend.touch("c/k")
+        assert [e.modified > time.time() - 60 for e in backend.iter_entries()] == [True]
+        remote = backend.remote
+        assert isinstance(remote, MemoryBackend)
+        assert list(backend.iter_entries()) == list(remote.iter_entries())
+
+
+@pytest.mark.parametrize("cls", [MemoryBackend, LocalBackend, S3Backend, CachedBackend])
+def test_every_backend_can_be_garbage_collected(cls: type) -> None:
+    for capability in (SupportsDelete, SupportsEntries, SupportsTouch):
+        assert issubclass(cls, capability), (cls, capability)
+    assert issubclass(LocalBackend, SupportsScratch)
 
 
 class TestS3Backend(BackendContract):
@@ -126,6 +248,28 @@ class TestS3Backend(BackendContract):
             backend.read("k")
         with pytest.raises(BackendError, match="does not exist"):
             backend.write_once("k", b"v")
+        with pytest.raises(BackendError, match="does not exist"):
+            backend.touch("k")
+
+    def test_gc_capabilities_cost_what_they_should(
+        self, backend: S3Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        for i in range(3):
+            self.plant(backend, f"g/{i}", b"v" * i)
+        requests = _Requests.count(backend, monkeypatch)
+        entries = list(backend.iter_entries("g/"))
+        assert [(e.key, e.size) for e in entries] == [("g/0", 0), ("g/1", 1), ("g/2", 2)]
+        assert requests.made == {"list_objects_v2": 1}  # sizes and times come with the listing
+        assert backend.touch("g/1")
+        assert requests.made["copy_object"] == 1  # server-side: no byte through the client
+        assert "get_object" not in requests.made and "put_object" not in requests.made
+        assert backend.delete("g/2")
+        assert not backend.delete("g/2")
+        # S3 says "deleted" for absent keys too: a HEAD tells, and gives the age to check.
+        assert requests.made["head_object"] == 2 and requests.made["delete_object"] == 1
+        assert backend.read("g/1") == b"v"
+        head = self.client.head_object(Bucket=backend._bucket, Key=f"{backend._prefix}g/1")
+        assert head["ContentLength"] == 1
 
 
 class _Requests:
@@ -194,6 +338,35 @@ class _PlaceholderBackend(MemoryBackend):
         yield "v1/"
 
 
+class _UndeletingBackend(MemoryBackend):
+    """Broken: delete says yes and keeps the value."""
+
+    def delete(self, key: str, *, modified_before: float | None = None) -> bool:
+        return key in self._values
+
+
+class _HastyDeleteBackend(MemoryBackend):
+    """Broken: delete ignores modified_before (a collector would delete what was just reused)."""
+
+    def delete(self, key: str, *, modified_before: float | None = None) -> bool:
+        return super().delete(key)
+
+
+class _NumbTouchBackend(MemoryBackend):
+    """Broken: touch says yes and leaves the modification time alone."""
+
+    def touch(self, key: str) -> bool:
+        return key in self._values
+
+
+class _SizelessBackend(MemoryBackend):
+    """Broken: entries carry the wrong sizes."""
+
+    def iter_entries(self, prefix: str = "") -> Iterator[Entry]:
+        for entry in super().iter_entries(prefix):
+            yield Entry(entry.key, 0, entry.modified)
+
+
 BROKEN: list[tuple[type[MemoryBackend], Callable[[BackendContract, Any], None]]] = [
     (_OverwritingBackend, BackendContract.test_write_once_keeps_first_value),
     (_OverwritingBackend, BackendContract.test_reads_what_was_planted),
@@ -201,6 +374,11 @@ BROKEN: list[tuple[type[MemoryBackend], Callable[[BackendContract, Any], None]]]
     (_ForgetfulBackend, BackendContract.test_exists_many_keeps_order),
     (_PlaceholderBackend, BackendContract.test_iter_keys_lists_exactly_what_was_written),
     (_LaxBackend, partial(BackendContract.test_bad_keys_are_refused_before_io, key="../up")),
+    (_UndeletingBackend, BackendContract.test_delete_frees_the_key),
+    (_HastyDeleteBackend, BackendContract.test_delete_only_what_is_older_than_asked),
+    (_HastyDeleteBackend, BackendContract.test_a_touched_key_survives_a_delete_decided_before),
+    (_NumbTouchBackend, BackendContract.test_touch_moves_modified_forward),
+    (_SizelessBackend, BackendContract.test_entries_list_exactly_the_keys_with_sizes),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Leases and in-flight dedup: overlapping runs compute each node once; a dead holder is replaced."""
+"""Leases and in-flight dedup: each node computed once; a dead holder is replaced."""
 
 from __future__ import annotations
 

@@ -45,12 +45,11 @@ def pruning_tree(exp: dg.Experiment, lrs: tuple[float, ...] = (0.01, 0.1)) -> di
 
 
 class BlobReads:
-    """Counts payload bytes read from a store: wraps the real backend, which still does the I/O."""
+    """Counts payload bytes read from a backend: wraps the real one, which still does the I/O."""
 
-    def __init__(self, store: ds.Store) -> None:
+    def __init__(self, backend: Any) -> None:
         self.bytes = 0
         self.hexes: set[str] = set()
-        backend = store.backend
         read, read_into = backend.read, backend.read_into  # type: ignore[attr-defined]
 
         def counted_read(key: str) -> bytes:
@@ -181,7 +180,7 @@ def test_rerun_executes_nothing_and_loads_no_payload(tmp_path: Path) -> None:
     exp = dg.Experiment(tmp_path / "exp", state_class=State)
     tree = pruning_tree(exp)
     exp._calls.clear()  # no Functions: nothing at all should be read
-    reads = BlobReads(exp.store)
+    reads = BlobReads(exp.store.backend)
     toy.RUNS.clear()
     report = exp.run()
     assert report.executed == () and len(report.cached) == 5 and toy.RUNS == []
@@ -209,7 +208,7 @@ def test_a_cached_parent_is_loaded_only_for_its_missing_child(tmp_path: Path) ->
     root = exp.spawn_new_tree(dataset_name="digits", seed=0)
     trained = Train(nb_epochs=1, lr=0.1)(root)
     Prune(fraction=0.5)(trained)
-    reads = BlobReads(exp.store)
+    reads = BlobReads(exp.store.backend)
     exp.run()
     # The trained parent's blobs, and nothing of the root's that the parent does not share.
     assert reads.hexes == {d.hex for d in exp.store.get_manifest(trained.key).blobs.values()}
@@ -254,13 +253,27 @@ def test_attributes_use_the_cheapest_faithful_codec(tmp_path: Path) -> None:
     manifest = exp.store.get_manifest(root.key)
     codecs = {name: spec["codec"] for name, spec in manifest.meta["attributes"].items()}
     assert codecs == {
-        "data": "ndarray", "model": "pickle", "history": "msgpack",
+        "data": "ndarray", "model": "tree", "history": "msgpack",
         "dataset_name": "msgpack", "seed": "msgpack",
     }  # fmt: skip
-    # The model's two matrices travel out of band: blobs of their own, not inside the pickle.
-    assert manifest.meta["attributes"]["model"]["buffers"] == 2
+    # The model's two matrices are blobs of their own; the structure around them is msgpack.
+    assert len(manifest.meta["attributes"]["model"]["arrays"]) == 2
     assert manifest.blobs["model#0"].size == 64 * 32 * 4
-    assert manifest.blobs["model"].size < 1000
+    assert manifest.blobs["model"].size < 100
+
+
+def test_objects_are_pickled_with_their_arrays_out_of_band(tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    from dagger_orchestrate.serialize import load_attribute, save_attribute
+
+    store = ds.open_store(tmp_path / "store")
+    value = OrderedDict(w=np.arange(100_000, dtype=np.float32), tag="x")  # not plain: pickled
+    entries, spec = save_attribute(store, "opt", value)
+    assert spec["codec"] == "pickle" and spec["buffers"] == 1
+    assert entries["opt#0"].size == 400_000 and entries["opt"].size < 1000
+    back = load_attribute(store, entries, "opt", spec)
+    assert type(back) is OrderedDict and np.array_equal(back["w"], value["w"])
 
 
 def test_inherited_attributes_are_not_written_again(tmp_path: Path) -> None:
@@ -425,6 +438,29 @@ def test_starting_over_after_deleting_the_folder(tmp_path: Path) -> None:
         Train(nb_epochs=1, lr=0.1)(exp.spawn_new_tree(dataset_name="digits", seed=0))
         assert len(exp.run().executed) == 2
         shutil.rmtree(tmp_path / "exp")
+
+
+def test_a_remote_store_is_read_through_a_local_cache(
+    tmp_path: Path,
+    s3_url: str,
+    s3_storage_options: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DAGGER_CACHE_DIR", str(tmp_path / "cache"))
+    location = {"store": s3_url, "storage_options": s3_storage_options}
+    # Computed elsewhere (a colleague, a cluster): nothing of it in this machine's cache.
+    exp = dg.Experiment(tmp_path / "exp", state_class=State, cache_dir=False, **location)
+    pruning_tree(exp, lrs=(0.1,))
+    exp.run()
+    restored = []
+    for _ in range(2):  # the same state restored twice on this machine
+        again = dg.Experiment.restore(tmp_path / "exp", **location)
+        remote_reads = BlobReads(again.store.backend.remote)  # behind the local cache
+        restored.append((again.graph.nodes.filter("pruned")[0].restore(), remote_reads.bytes))
+    (first, downloaded), (second, downloaded_again) = restored
+    np.testing.assert_array_equal(first.model["w1"], second.model["w1"])
+    assert downloaded > 0 and downloaded_again == 0
+    assert any((tmp_path / "cache").rglob("*"))
 
 
 def test_a_folder_that_is_not_an_experiment_is_refused(tmp_path: Path) -> None:

@@ -10,9 +10,10 @@ def test_dagger_store_public_names() -> None:
     assert sorted(dagger_store.__all__) == sorted(
         [
             "KEY_SCHEMA", "LEAF_SIZE", "BackendError", "Commit", "Digest", "FormatError",
-            "IncompleteManifestError", "IntegrityError", "InvalidKeyError", "Manifest",
+            "IncompleteManifestError", "IntegrityError", "InvalidKeyError", "LabKey", "Manifest",
             "NodeKey", "NotFoundError", "Store", "StoreError", "StoreOpenError",
-            "UnencodableValueError", "VerifyReport", "canonical_encode", "node_key", "open_store",
+            "UnencodableValueError", "UntrustedError", "VerifyReport", "canonical_encode",
+            "node_key", "open_store",
         ]
     )  # fmt: skip
     for name in dagger_store.__all__:
@@ -24,6 +25,7 @@ def test_errors_form_one_tree_with_fitting_builtins() -> None:
     for error in (
         ds.NotFoundError, ds.IntegrityError, ds.InvalidKeyError, ds.UnencodableValueError,
         ds.FormatError, ds.StoreOpenError, ds.BackendError, ds.IncompleteManifestError,
+        ds.UntrustedError,
     ):  # fmt: skip
         assert issubclass(error, ds.StoreError)
     assert issubclass(ds.NotFoundError, LookupError)
@@ -31,6 +33,7 @@ def test_errors_form_one_tree_with_fitting_builtins() -> None:
     assert issubclass(ds.IncompleteManifestError, ds.IntegrityError)
     assert issubclass(ds.UnencodableValueError, TypeError)
     assert issubclass(ds.BackendError, OSError)
+    assert issubclass(ds.UntrustedError, PermissionError)
 
 
 def test_dagger_orchestrate_public_names() -> None:

@@ -9,6 +9,15 @@ Invariants every backend keeps (``dagger_store.testing.BackendContract`` checks 
 - ``exists_many`` answers for all keys in one batched round (concurrent on remote stores).
 - Errors are translated here into the ``dagger_store.errors`` tree; nothing else leaks.
 
+Optional capabilities, each its own small protocol (``isinstance`` tells whether a backend has
+it): ``SupportsReadInto`` (read into a caller's buffer), and for garbage collection
+``SupportsDelete``, ``SupportsEntries`` (keys with size and modification time) and
+``SupportsTouch`` (refresh a key's modification time). A modification time is the storage's own
+clock (file mtime, S3 LastModified), in epoch seconds; ``write_once`` sets it, ``touch`` moves it
+to now, nothing else changes it. Garbage collection relies on exactly that: a writer touches what
+it reuses, and the collector deletes only what is older than its grace period, re-checked at the
+moment of deletion (``delete(key, modified_before=...)``).
+
 Policy (hashing, verification, layout, manifests) lives above the seam in ``Store``.
 """
 
@@ -16,11 +25,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from dagger_store.errors import InvalidKeyError
+from dagger_store.errors import BackendError, InvalidKeyError
 
 Buffer = bytes | bytearray | memoryview
+
+# How often a write that finds its key present, then finds it gone, tries again (see below).
+_REWRITES = 8
 
 # A segment may not start with "." so that backends can keep private files (".tmp/") beside keys.
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -74,3 +87,91 @@ class SupportsReadInto(Protocol):
     def read_into(self, key: str, offset: int, out: memoryview) -> int:
         """Fill ``out`` with the value's bytes from ``offset``; return how many were read."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stored key, its size in bytes and its modification time (epoch seconds)."""
+
+    key: str
+    size: int
+    modified: float
+
+
+@runtime_checkable
+class SupportsEntries(Protocol):
+    """A backend that lists keys with their size and modification time, as cheaply as keys."""
+
+    def iter_entries(self, prefix: str = "") -> Iterator[Entry]:
+        """An Entry for every key that starts with ``prefix`` (as ``iter_keys``)."""
+        ...
+
+
+@runtime_checkable
+class SupportsDelete(Protocol):
+    """A backend that can remove a key (garbage collection, unpinning, tidying leases)."""
+
+    def delete(self, key: str, *, modified_before: float | None = None) -> bool:
+        """Remove ``key``; False if it was absent.
+
+        With ``modified_before`` (epoch seconds), remove it only if it was last modified before
+        that instant, checked as late as the storage allows (atomically where it can), and
+        return False otherwise: a collector's decision from an old listing never removes what a
+        writer has touched since.
+        """
+        ...
+
+
+@runtime_checkable
+class SupportsTouch(Protocol):
+    """A backend that can refresh the modification time of a key without changing its value."""
+
+    def touch(self, key: str) -> bool:
+        """Set the modification time of ``key`` to now; False if it is absent."""
+        ...
+
+
+@runtime_checkable
+class SupportsScratch(Protocol):
+    """A backend with private scratch files beside its keys (local: temp files in ``.tmp/``
+    before their atomic link), which a writer killed mid-write leaves behind.
+
+    Scratch names (``Entry.key``) are not keys: they are never read, listed or written as such.
+    """
+
+    def iter_scratch(self) -> Iterator[Entry]:
+        """Every scratch file, with its size and modification time."""
+        ...
+
+    def delete_scratch(self, name: str, *, modified_before: float) -> bool:
+        """Remove scratch file ``name`` if it was last modified before ``modified_before``."""
+        ...
+
+
+def refresh(backend: Backend, key: str) -> bool:
+    """Touch ``key`` where the backend can; False only if the backend says it is gone.
+
+    What a writer does to content it reuses instead of writing it: a garbage collector may be
+    about to delete an old unreferenced object that the writer's next manifest will name, and
+    the touch starts the collector's grace period again, as if the object had just been written.
+    """
+    if isinstance(backend, SupportsTouch):
+        return backend.touch(key)
+    return True
+
+
+def write_or_refresh(backend: Backend, key: str, *parts: Buffer) -> bool:
+    """``write_once``, refreshing the key if it exists already; True if this call created it.
+
+    A key found present and then gone before the refresh (collected in between) is written again.
+    """
+    for _ in range(_REWRITES):
+        if backend.write_once(key, *parts):
+            return True
+        if refresh(backend, key):
+            return False
+    raise BackendError(
+        f"{key!r} in {backend.url} was present at each of {_REWRITES} writes and gone at each "
+        "touch after it: is a garbage collector running with a grace period of almost nothing?",
+        key=key,
+    )

@@ -4,6 +4,13 @@
 fsyncs it, then ``os.link``s it to its final name. ``link`` fails if the name exists, atomically,
 on local file systems and on NFS alike; fsspec's ``mode="create"`` is check-then-write and races.
 A writer killed at any point leaves at most an orphan in ``.tmp/``, never a partial value.
+
+For garbage collection: a key's modification time is its file's mtime (set by the file server
+on NFS). ``touch`` is ``os.utime``; objects are read-only, so only their owner may set their
+times, and another user's object is refreshed by atomically replacing it with an identical copy
+of one's own. ``delete(key, modified_before=...)`` renames the file aside before it decides, so
+a touch either lands before the rename (the file is put back) or finds no file (and the writer
+writes the value again): no touch is ever lost to a check-then-unlink race.
 """
 
 from __future__ import annotations
@@ -11,12 +18,13 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from dagger_store.backends.base import Buffer, check_key
-from dagger_store.errors import BackendError, NotFoundError
+from dagger_store.backends.base import Buffer, Entry, check_key
+from dagger_store.errors import BackendError, InvalidKeyError, NotFoundError
 
 _TMP = ".tmp"
 # Objects are immutable, so read-only; and readable by whoever the umask allows (mkstemp's 0600
@@ -114,6 +122,107 @@ class LocalBackend:
                     key = base + name
                     if key.startswith(prefix) and not name.startswith("."):
                         yield key
+
+    def iter_entries(self, prefix: str = "") -> Iterator[Entry]:
+        for key in self.iter_keys(prefix):
+            try:
+                with self._translated(key):
+                    stat = os.stat(self.root / key)
+            except NotFoundError:
+                continue  # deleted since it was listed
+            yield Entry(key, stat.st_size, stat.st_mtime)
+
+    def delete(self, key: str, *, modified_before: float | None = None) -> bool:
+        path = self._path(key)
+        with self._translated(key):
+            if modified_before is None:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    return False
+                return True
+            try:
+                if path.stat().st_mtime >= modified_before:
+                    return False
+                self._tmp.mkdir(exist_ok=True)
+                aside = self._tmp / f"deleting-{uuid.uuid4().hex}"
+                os.rename(path, aside)
+            except FileNotFoundError:
+                return False
+            # Decide on what was set aside: a touch that landed before the rename made it new.
+            try:
+                if os.stat(aside).st_mtime < modified_before:
+                    return True
+                with suppress(FileExistsError):  # written anew meanwhile: the same value
+                    os.link(aside, path)
+                return False
+            except FileNotFoundError:
+                return True  # another collector removed it from .tmp/ as a stale leftover
+            finally:
+                with suppress(FileNotFoundError):
+                    os.unlink(aside)
+
+    def touch(self, key: str) -> bool:
+        path = self._path(key)
+        with self._translated(key):
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                return False
+            except PermissionError:
+                return self._replace_with_own_copy(path)
+            return True
+
+    def _replace_with_own_copy(self, path: Path) -> bool:
+        """Refresh another user's object: an identical copy of our own, renamed over it."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return False
+        self._tmp.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._tmp)
+        try:
+            with open(fd, "wb", buffering=0) as f:
+                os.fchmod(f.fileno(), _OBJECT_MODE)
+                _write_all(f.fileno(), memoryview(data))
+                os.fsync(f.fileno())
+            # Readers see the old file or the copy, both whole and equal; should the original
+            # have been deleted meanwhile, the copy restores it, which is what a touch wants.
+            os.rename(tmp, path)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
+        return True
+
+    def iter_scratch(self) -> Iterator[Entry]:
+        with self._translated(_TMP):
+            try:
+                names = sorted(os.listdir(self._tmp))
+            except FileNotFoundError:
+                return
+        for name in names:
+            try:
+                with self._translated(_TMP):
+                    stat = os.stat(self._tmp / name)
+            except NotFoundError:
+                continue
+            yield Entry(f"{_TMP}/{name}", stat.st_size, stat.st_mtime)
+
+    def delete_scratch(self, name: str, *, modified_before: float) -> bool:
+        folder, _, file = name.partition("/")
+        if folder != _TMP or not file or "/" in file or file in (".", ".."):
+            raise InvalidKeyError(f"not a scratch file of {self.url}: {name!r}")
+        path = self._tmp / file
+        with self._translated(name):
+            try:
+                if path.stat().st_mtime >= modified_before:
+                    return False
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            return True
 
 
 def _write_all(fd: int, data: memoryview) -> None:

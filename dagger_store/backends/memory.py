@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
-from dagger_store.backends.base import Buffer, check_key
+from dagger_store.backends.base import Buffer, Entry, check_key
 from dagger_store.errors import NotFoundError
 
 
 class MemoryBackend:
-    """Values in a dict; ``write_once`` is atomic under a lock."""
+    """Values in a dict; ``write_once`` is atomic under a lock. A key's modification time is
+    when it was written or last touched."""
 
     _named: ClassVar[dict[str, MemoryBackend]] = {}
     _named_lock: ClassVar[threading.Lock] = threading.Lock()
@@ -19,6 +21,7 @@ class MemoryBackend:
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
         self._values: dict[str, bytes] = {}
+        self._modified: dict[str, float] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -49,6 +52,7 @@ class MemoryBackend:
             if key in self._values:
                 return False
             self._values[key] = data
+            self._modified[key] = time.time()
             return True
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
@@ -61,3 +65,35 @@ class MemoryBackend:
         with self._lock:
             keys = sorted(k for k in self._values if k.startswith(prefix))
         yield from keys
+
+    def iter_entries(self, prefix: str = "") -> Iterator[Entry]:
+        now = time.time()
+        with self._lock:
+            # A value put in from outside (a test planting it) has no time: call it new, the
+            # answer that never lets a collector delete it early.
+            entries = [
+                Entry(k, len(v), self._modified.get(k, now))
+                for k, v in sorted(self._values.items())
+                if k.startswith(prefix)
+            ]
+        yield from entries
+
+    def delete(self, key: str, *, modified_before: float | None = None) -> bool:
+        check_key(key)
+        with self._lock:
+            if key not in self._values:
+                return False
+            modified = self._modified.get(key, time.time())
+            if modified_before is not None and modified >= modified_before:
+                return False
+            del self._values[key]
+            self._modified.pop(key, None)
+            return True
+
+    def touch(self, key: str) -> bool:
+        check_key(key)
+        with self._lock:
+            if key not in self._values:
+                return False
+            self._modified[key] = time.time()
+            return True

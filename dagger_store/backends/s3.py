@@ -12,6 +12,13 @@ Invariants, on top of those of ``backends.base``:
   listings are strongly consistent, like HEADs).
 - Every key is checked by ``check_key`` before any request; errors are translated once, in
   ``_translated``, and messages never contain credentials.
+- For garbage collection: ``iter_entries`` reads sizes and LastModified from the same
+  ``list_objects_v2`` pages as ``iter_keys``; ``touch`` is a server-side ``copy_object`` of the
+  object onto itself (``MetadataDirective="REPLACE"``), which moves LastModified and moves no
+  bytes through the client; ``delete`` is a HEAD (S3 deletes report success for absent keys,
+  and ``modified_before`` needs the current LastModified) and then the DELETE. S3 has no delete
+  conditional on the modification time, so a touch landing between those two requests (one
+  round trip) is lost; the writer's commit then finds the blob missing and refuses (see gc.py).
 
 S3 quirks relied on:
 
@@ -23,6 +30,9 @@ S3 quirks relied on:
   empty object: that is zero bytes read, not an error.
 - botocore refuses a memoryview as a request body, so a lone memoryview part is copied once.
 - A retried conditional PUT whose first attempt landed reads as 412: False, yet the value is ours.
+- Copying an object onto itself is refused unless something changes: REPLACE (with no metadata)
+  counts. LastModified has one-second resolution, so an object may look up to a second older
+  than it is.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import botocore.exceptions  # type: ignore[import-untyped]
 import s3fs
 from fsspec.asyn import sync
 
-from dagger_store.backends.base import Buffer, check_key
+from dagger_store.backends.base import Buffer, Entry, check_key
 from dagger_store.errors import BackendError, InvalidKeyError, NotFoundError, StoreOpenError
 
 MAX_IN_FLIGHT = 64
@@ -216,13 +226,13 @@ class S3Backend:
         budget = max(1, len(keys) // KEYS_PER_LIST_PAGE)
         found: set[str] = set()
         for _, (page, more) in zip(range(budget), self._pages(folder), strict=False):
-            found.update(page)
+            found.update(entry.key for entry in page)
             if not more:
                 return found
         return None
 
-    def _pages(self, prefix: str) -> Iterator[tuple[list[str], bool]]:
-        """Pages of keys under ``prefix``, each with whether more pages follow."""
+    def _pages(self, prefix: str) -> Iterator[tuple[list[Entry], bool]]:
+        """Pages of entries under ``prefix``, each with whether more pages follow."""
         request = {
             "Bucket": self._bucket,
             "Prefix": self._prefix + prefix,
@@ -233,21 +243,57 @@ class S3Backend:
                 page = sync(self.fs.loop, self.fs._call_s3, "list_objects_v2", **request)
             more = bool(page.get("IsTruncated"))
             # "dir/" placeholders and foreign names are not keys
-            keys = [
-                key
-                for entry in page.get("Contents", ())
-                if _is_key(key := entry["Key"][len(self._prefix) :])
+            entries = [
+                Entry(key, item["Size"], _timestamp(item))
+                for item in page.get("Contents", ())
+                if _is_key(key := item["Key"][len(self._prefix) :])
             ]
-            yield keys, more
+            yield entries, more
             if not more:
                 return
             request["ContinuationToken"] = page["NextContinuationToken"]
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        for entry in self.iter_entries(prefix):
+            yield entry.key
+
+    def iter_entries(self, prefix: str = "") -> Iterator[Entry]:
         if prefix:
             check_key(prefix.rstrip("/"))
         for page, _ in self._pages(prefix):
             yield from page
+
+    def delete(self, key: str, *, modified_before: float | None = None) -> bool:
+        check_key(key)
+        bucket_key = {"Bucket": self._bucket, "Key": self._prefix + key}
+        with self._translated(key):
+            try:
+                head = sync(self.fs.loop, self.fs._call_s3, "head_object", **bucket_key)
+            except FileNotFoundError:
+                return False
+            if modified_before is not None and _timestamp(head) >= modified_before:
+                return False
+            sync(self.fs.loop, self.fs._call_s3, "delete_object", **bucket_key)
+        return True
+
+    def touch(self, key: str) -> bool:
+        check_key(key)
+        bucket_key = {"Bucket": self._bucket, "Key": self._prefix + key}
+        with self._translated(key):
+            try:
+                sync(
+                    self.fs.loop,
+                    self.fs._call_s3,
+                    "copy_object",
+                    CopySource=bucket_key,
+                    MetadataDirective="REPLACE",
+                    **bucket_key,
+                )
+            except FileNotFoundError as exc:
+                if _s3_code(exc) == "NoSuchBucket":
+                    raise
+                return False
+        return True
 
 
 def open_s3_backend(url: str, storage_options: Mapping[str, Any]) -> S3Backend:
@@ -342,6 +388,11 @@ def _describe(exc: BaseException, fs: s3fs.S3FileSystem) -> str:
         if isinstance(secret, str) and secret:
             text = text.replace(secret, "***")
     return text
+
+
+def _timestamp(response: Mapping[str, Any]) -> float:
+    modified = response["LastModified"]  # botocore parses it into an aware datetime
+    return float(modified.timestamp())
 
 
 def _is_key(key: str) -> bool:

@@ -1,0 +1,225 @@
+"""``dagger-lab``: look after a (shared) store from the shell.
+
+Named ``dagger-lab`` so as not to clash with the Dagger.io ``dagger`` CLI. The store comes from
+``--store`` or ``$DAGGER_STORE``; S3 credentials from the usual AWS environment (never from a
+flag, so they stay out of shell history and process lists).
+
+Exit codes: 0 success; 1 the command ran and found problems (``verify``: corrupt or missing
+objects); 2 bad usage; 3 the store could not be opened or an object was not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dagger_store as ds
+from dagger_store.records import experiments, read_records
+
+OK, PROBLEMS, USAGE, STORE_ERROR = 0, 1, 2, 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dagger-lab`` console script; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return USAGE
+    try:
+        store = _open(args)
+        result: int = args.run(store, args)
+        return result
+    except ds.NotFoundError as exc:
+        print(f"dagger-lab: {exc}", file=sys.stderr)
+        return STORE_ERROR
+    except ds.StoreError as exc:
+        print(f"dagger-lab: {exc}", file=sys.stderr)
+        return STORE_ERROR
+    except (ValueError, KeyError) as exc:
+        print(f"dagger-lab: {exc}", file=sys.stderr)
+        return USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dagger-lab",
+        description="Inspect and maintain a dagger store (local folder, NFS or s3://).",
+        epilog="exit codes: 0 ok, 1 problems found (verify), 2 bad usage, 3 store error",
+    )
+    parser.add_argument("--store", help="store URL or path (default: $DAGGER_STORE)")
+    parser.add_argument("--endpoint-url", help="S3 endpoint (for S3-compatible servers)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, run: Callable[[ds.Store, Any], int], text: str) -> Any:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(run=run)
+        return sub
+
+    command("ls", _ls, "list the experiments that have records in the store")
+    sub = command("tree", _tree, "an experiment's tree, with tags and cached/missing status")
+    sub.add_argument("experiment", help="experiment name (see `ls`)")
+    sub = command("show", _show, "a node: recipe, properties, attributes, provenance")
+    sub.add_argument("key", help="node key or a unique prefix of one")
+    command("du", _du, "logical bytes (what manifests name) vs bytes stored: the dedup ratio")
+    command("verify", _verify, "re-hash every object; exit 1 if any is corrupt or missing")
+    sub = command("gc", _gc, "delete what no experiment, pin, lease or recent run refers to")
+    sub.add_argument("--delete", action="store_true", help="really delete (default: dry run)")
+    sub.add_argument("--grace", type=float, default=24 * 3600, help="blob age, s (24 h)")
+    sub.add_argument(
+        "--keep-recent", type=float, default=7 * 24 * 3600, help="manifest age, s (7 days)"
+    )
+    sub = command("pin", _pin, "keep nodes (and their blobs) through gc")
+    sub.add_argument("name", help="a name for the pin")
+    sub.add_argument("keys", nargs="+", help="node keys or unique prefixes")
+    sub = command("unpin", _unpin, "remove a pin")
+    sub.add_argument("name")
+    sub = command("draw", _draw, "render an experiment's tree with Graphviz")
+    sub.add_argument("experiment")
+    sub.add_argument("-o", "--output", required=True, help="file to write, e.g. tree.svg")
+    return parser
+
+
+def _open(args: Any) -> ds.Store:
+    url = args.store or os.environ.get("DAGGER_STORE")
+    if not url:
+        raise ValueError("no store: pass --store URL or set DAGGER_STORE")
+    options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
+    return ds.open_store(url, storage_options=options, create=False)
+
+
+def _ls(store: ds.Store, args: Any) -> int:
+    names = experiments(store)
+    if not names:
+        print(f"no experiments in {store.url}")
+    for name in names:
+        runs = read_records(store, name, "run")
+        nodes = {k for r in read_records(store, name, "def") for k in r["keys"]}
+        last = time.strftime("%Y-%m-%d %H:%M", time.localtime(runs[-1]["written"])) if runs else "-"
+        print(f"{name:<40} {len(nodes):>6} nodes {len(runs):>5} runs   last run {last}")
+    return OK
+
+
+def _graph(store: ds.Store, name: str) -> Any:
+    from dagger_orchestrate.graph import Graph
+
+    if name not in experiments(store):
+        raise ds.NotFoundError(f"no experiment {name!r} in {store.url} (see `ls`)", key=name)
+    return Graph.from_records(store, name, None)
+
+
+def _tree(store: ds.Store, args: Any) -> int:
+    graph = _graph(store, args.experiment)
+    missing = set(store.missing([n.key for n in graph.nodes]))
+    status = {n.key: "missing" if n.key in missing else "cached" for n in graph.nodes}
+    print(graph.render(lambda node: status[node.key]))
+    return OK
+
+
+def _resolve(store: ds.Store, prefix: str) -> ds.NodeKey:
+    found = [k for k in store.manifest_keys() if k.hex.startswith(prefix.lower())]
+    if len(found) != 1:
+        problem = f"{len(found)} nodes match" if found else "no node matches"
+        raise ds.NotFoundError(f"{problem} {prefix!r} in {store.url}", key=prefix)
+    return found[0]
+
+
+def _show(store: ds.Store, args: Any) -> int:
+    key = _resolve(store, args.key)
+    manifest = store.get_manifest(key)
+    node = manifest.meta.get("node", {})
+    print(f"node        {key.hex}")
+    print(f"label       {node.get('label', '?')}")
+    print(f"class       {node.get('class', '?')}")
+    print(f"parent      {node.get('parent') or '-'}")
+    print("attributes")
+    for name, spec in manifest.meta.get("attributes", {}).items():
+        size = sum(
+            d.size for n, d in manifest.blobs.items() if n.split("#")[0].split("@")[0] == name
+        )
+        shape = f"{spec['dtype']} {tuple(spec['shape'])}" if "shape" in spec else ""
+        print(f"  {name:<20} {spec['codec']:<8} {shape:<24} {_bytes(size):>10}")
+    print("provenance")
+    for field, value in manifest.meta.get("provenance", {}).items():
+        if field == "finished":
+            value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        print(f"  {field:<10} {value}")
+    return OK
+
+
+def _du(store: ds.Store, args: Any) -> int:
+    logical = 0
+    manifests = store.manifests(list(store.manifest_keys()))
+    for manifest in manifests.values():
+        logical += sum(d.size for d in manifest.blobs.values())
+    entries = getattr(store.backend, "iter_entries", None)  # sizes from listings, no reads
+    if entries is not None:
+        stored = sum(e.size for e in entries("v1/"))
+    else:
+        stored = sum(len(store.backend.read(k)) for k in store.backend.iter_keys("v1/"))
+    ratio = logical / stored if stored else 0.0
+    print(f"{len(manifests)} nodes name {_bytes(logical)}; the store holds {_bytes(stored)}")
+    print(f"dedup ratio {ratio:.2f}x")
+    return OK
+
+
+def _verify(store: ds.Store, args: Any) -> int:
+    report = store.verify()
+    for problem in report.problems:
+        print(problem)
+    print(
+        f"{report.blobs} blob objects, {report.manifests} manifests: "
+        f"{len(report.problems)} problems"
+    )
+    return OK if report.ok else PROBLEMS
+
+
+def _gc(store: ds.Store, args: Any) -> int:
+    from dagger_store.gc import collect
+
+    report = collect(store, grace=args.grace, keep_recent=args.keep_recent, dry_run=not args.delete)
+    print(report)
+    return OK
+
+
+def _pin(store: ds.Store, args: Any) -> int:
+    from dagger_store.pins import pin
+
+    keys = [_resolve(store, k) for k in args.keys]
+    pin(store, args.name, keys)
+    print(f"pinned {len(keys)} node(s) as {args.name!r}")
+    return OK
+
+
+def _unpin(store: ds.Store, args: Any) -> int:
+    from dagger_store.pins import unpin
+
+    unpin(store, args.name)
+    print(f"unpinned {args.name!r}")
+    return OK
+
+
+def _draw(store: ds.Store, args: Any) -> int:
+    try:
+        _graph(store, args.experiment).draw(args.output)
+    except RuntimeError as exc:  # no `dot` program: the message says how to get it
+        print(f"dagger-lab: {exc}", file=sys.stderr)
+        return USAGE
+    print(f"wrote {args.output}")
+    return OK
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Garbage collection: delete what nothing refers to, and never what a writer is about to use.
+
+::
+
+    roots      every node key in an experiment record (records.py), in a pin (pins.py) or under
+               a live lease (leases.py), and every manifest modified within ``keep_recent``
+    manifests  those of roots are kept; the others are deleted first
+    blobs      kept if a kept manifest names them (a chunked blob: its index and every leaf) or
+               if modified within ``grace``; the others are deleted
+    .tmp/      (local and NFS stores) a killed writer's temp files older than ``grace`` (and
+               than an hour, so that a short grace period never takes a live writer's)
+
+Experiment records, pins and leases are never collected: ``delete_experiment``, ``pins.unpin``
+and the leases themselves remove those, and a collection after them frees what only they kept.
+Everything is a dry run unless ``dry_run=False``: the report then says what would go.
+
+Why collecting is safe while others write (the invariants, and what they rely on):
+
+- A writer puts blobs, then commits the manifest naming them. ``Store.put`` writes content that
+  is absent and *touches* content it finds present (``backends.base.refresh``), so every blob a
+  manifest is about to name was written or touched at most the put-to-commit time ago. Blobs
+  younger than ``grace`` are never deleted: a writer that commits within ``grace`` (24 h by
+  default) of its puts never loses a blob, even one it deduplicated against an old, unreferenced
+  object that this collector had already listed as garbage. (The deletion cutoff is fixed when
+  a collection starts, so a blob it may delete was touched more than ``grace`` before it
+  started, and the manifest naming it, if committed in time, is in its listing.) A writer
+  slower than that can lose blobs: its commit then refuses (IncompleteManifestError), or, if a
+  blob goes between the commit's existence check and its write, commits a manifest that counts
+  as a miss (never a hit with holes) until the blob is put again.
+- Ages come from a listing and are checked again at the moment of deletion
+  (``delete(key, modified_before=cutoff)``), so a touch after the listing wins. On local and NFS
+  stores that check is atomic (the file is renamed aside, then judged). On S3 it is a HEAD just
+  before the DELETE: a touch landing within that round trip is lost, and then the writer's
+  ``commit``, which checks that every blob exists, refuses (IncompleteManifestError) instead of
+  committing a manifest with holes.
+- Manifests are listed again after the manifest sweep and every one then present marks its
+  blobs, so a commit that raced the first listing still protects what it names.
+- Roots are read twice, at the start and just before manifests are deleted. A run should write
+  its record before it relies on a cached manifest (the orchestrator's ``.def`` record).
+- Objects that may be indexes of chunked blobs are deleted before the rest: a collection stopped
+  midway never leaves an index whose leaves are gone. The leaves of a young index are kept with it.
+- A manifest or index that cannot be read while marking stops the blob sweep: a blob is never
+  deleted on a guess. Names that are not dagger's own are never deleted. The report says why.
+
+Clocks: ages are the storage's clock (the file server's, S3's) against this host's ``now``; a
+skew shortens or lengthens the grace period by as much, which 24 h absorbs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from dagger_store import codecs
+from dagger_store.backends.base import (
+    Entry,
+    SupportsDelete,
+    SupportsEntries,
+    SupportsReadInto,
+    SupportsScratch,
+)
+from dagger_store.codecs import HEADER_SIZE, Codec
+from dagger_store.digest import Digest
+from dagger_store.errors import InvalidKeyError, NotFoundError, StoreError
+from dagger_store.keys import NodeKey
+from dagger_store.manifest import Manifest
+from dagger_store.pins import pins
+from dagger_store.records import EXPERIMENTS, check_name, referenced_keys
+from dagger_store.store import BLOBS, MANIFESTS, Store
+
+DAY = 24 * 3600.0
+# Temp files are removed only once older than the grace period and this (seconds).
+SCRATCH_MIN_AGE = 3600.0
+
+# Why an object was kept (GcReport.kept_manifests / kept_blobs).
+REFERENCED = "referenced by an experiment"
+PINNED = "pinned"
+LEASED = "leased"
+RECENT = "recent"
+IN_USE = "named by a kept manifest"
+YOUNG = "younger than the grace period"
+LEAF_OF_YOUNG = "a leaf of a chunked blob younger than the grace period"
+CHANGED = "changed while collecting"
+UNRECOGNISED = "not a name dagger writes"
+BLOCKED = "not swept: see problems"
+
+# An index object is its header, the blob's size and 32 bytes per leaf, of which it has >= 2.
+_INDEX_BASE = HEADER_SIZE + 8
+_MIN_INDEX = _INDEX_BASE + 2 * 32
+_ROOT_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class GcReport:
+    """What ``collect`` deleted, or would delete on a dry run, and what it kept and why.
+
+    ``manifests``, ``blobs`` and ``temp_files`` list what was deleted (dry run: what a real run
+    would delete now); ``*_bytes`` are their stored sizes. ``kept_manifests`` and ``kept_blobs``
+    count the objects kept, by reason. ``problems`` name what could not be read while marking;
+    any problem stops the blob sweep.
+    """
+
+    dry_run: bool
+    manifests: tuple[NodeKey, ...]
+    manifest_bytes: int
+    blobs: tuple[str, ...]
+    blob_bytes: int
+    temp_files: tuple[str, ...] = ()
+    temp_bytes: int = 0
+    kept_manifests: Mapping[str, int] = field(default_factory=dict)
+    kept_blobs: Mapping[str, int] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def deleted_bytes(self) -> int:
+        """Bytes freed (dry run: that a real run would free)."""
+        return self.manifest_bytes + self.blob_bytes + self.temp_bytes
+
+    def __str__(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        text = (
+            f"{'dry run, nothing deleted: ' if self.dry_run else ''}{verb} "
+            f"{len(self.manifests)} manifests ({_size(self.manifest_bytes)}), "
+            f"{len(self.blobs)} blob objects ({_size(self.blob_bytes)})"
+        )
+        if self.temp_files:
+            text += f", {len(self.temp_files)} stale temp files ({_size(self.temp_bytes)})"
+        text += (
+            f"; kept {_counted(self.kept_manifests, 'manifests')} and "
+            f"{_counted(self.kept_blobs, 'blob objects')}; {self.seconds:.2f} s"
+        )
+        for problem in self.problems:
+            text += f"\nproblem: {problem}"
+        return text
+
+
+def collect(
+    store: Store,
+    *,
+    grace: float = DAY,
+    keep_recent: float = 7 * DAY,
+    dry_run: bool = True,
+    now: float | None = None,
+) -> GcReport:
+    """Delete the manifests and blobs that nothing refers to (a dry run unless told otherwise).
+
+    Parameters
+    ----------
+    grace
+        Seconds a blob (or a stale temp file) is kept after it was last written or touched,
+        referenced or not. Writers must commit within this long of their puts.
+    keep_recent
+        Seconds a manifest is kept after it was written, referenced or not.
+    dry_run
+        Delete nothing; report what a real run would delete now.
+    now
+        The time to measure ages from (epoch seconds); default: now.
+    """
+    started = time.perf_counter()
+    if grace < 0 or keep_recent < 0:
+        raise ValueError(f"grace and keep_recent are >= 0 seconds, got {grace}, {keep_recent}")
+    backend = store.backend
+    if not isinstance(backend, SupportsEntries):
+        raise TypeError(f"{store.url} cannot list its objects with their ages: no gc there")
+    if not dry_run and not isinstance(backend, SupportsDelete):
+        raise TypeError(f"{store.url} cannot delete objects: only a dry run is possible there")
+    now = time.time() if now is None else now
+    blob_cutoff, manifest_cutoff = now - grace, now - keep_recent
+    kept_manifests: Counter[str] = Counter()
+    kept_blobs: Counter[str] = Counter()
+    problems: list[str] = []
+
+    # -- manifests: keep roots and recent ones, delete the rest --------------------------------
+    listed = list(backend.iter_entries(MANIFESTS))
+    roots = _roots(store, now)
+    doomed: list[tuple[NodeKey, Entry]] = []
+    for entry in listed:
+        key = _node_key(entry.key)
+        if key is None:
+            kept_manifests[UNRECOGNISED] += 1
+        elif key in roots:
+            kept_manifests[roots[key]] += 1
+        elif entry.modified >= manifest_cutoff:
+            kept_manifests[RECENT] += 1
+        else:
+            doomed.append((key, entry))
+    if doomed:  # roots again: a run may have recorded a key while we listed
+        roots = _roots(store, now)
+        for key, _ in doomed:
+            if key in roots:
+                kept_manifests[roots[key]] += 1
+        doomed = [(key, entry) for key, entry in doomed if key not in roots]
+    if not dry_run:
+        gone = _delete(store, [entry for _, entry in doomed], manifest_cutoff)
+        kept_manifests[CHANGED] += len(doomed) - sum(gone)
+        doomed = [d for d, deleted in zip(doomed, gone, strict=True) if deleted]
+    deleted_manifests = {entry.key for _, entry in doomed}
+
+    # -- mark: every blob a remaining manifest names, with the leaves of chunked ones ----------
+    if dry_run:
+        remaining = [e.key for e in listed if e.key not in deleted_manifests]
+    else:  # listed again: a manifest committed meanwhile protects what it names too
+        remaining = [e.key for e in backend.iter_entries(MANIFESTS)]
+        kept_manifests[CHANGED] += len(set(remaining) - {e.key for e in listed})
+    remaining = [k for k in remaining if _node_key(k) is not None]
+    marked: set[str] = set()
+    chunked: dict[str, Digest] = {}
+    for found in store._map(lambda k: _named_blobs(store, k), remaining):
+        if isinstance(found, str):
+            problems.append(found)
+            continue
+        for digest in found:
+            marked.add(digest.hex)
+            if digest.is_chunked:
+                chunked[digest.hex] = digest
+    problems.extend(_mark_leaves(store, sorted(chunked), marked))
+
+    # -- sweep blobs: unmarked and older than the grace period ---------------------------------
+    blobs = list(backend.iter_entries(BLOBS))
+    young_indexes = [
+        hex_
+        for entry in blobs
+        if (hex_ := _blob_hex(entry.key)) is not None
+        and hex_ not in marked
+        and entry.modified >= blob_cutoff
+        and _may_be_index(entry.size)
+    ]
+    young_leaves: set[str] = set()
+    problems.extend(_mark_leaves(store, young_indexes, young_leaves, only_indexes=True))
+    candidates: list[Entry] = []
+    for entry in blobs:
+        hex_ = _blob_hex(entry.key)
+        if hex_ is None:
+            kept_blobs[UNRECOGNISED] += 1
+        elif hex_ in marked:
+            kept_blobs[IN_USE] += 1
+        elif entry.modified >= blob_cutoff:
+            kept_blobs[YOUNG] += 1
+        elif hex_ in young_leaves:
+            kept_blobs[LEAF_OF_YOUNG] += 1
+        else:
+            candidates.append(entry)
+    if problems:
+        kept_blobs[BLOCKED] += len(candidates)
+        candidates = []
+    if not dry_run and candidates:
+        # Possible indexes first, so that no index outlives its leaves if we are stopped.
+        first = [e for e in candidates if _may_be_index(e.size)]
+        rest = [e for e in candidates if not _may_be_index(e.size)]
+        gone = _delete(store, first, blob_cutoff) + _delete(store, rest, blob_cutoff)
+        kept_blobs[CHANGED] += len(candidates) - sum(gone)
+        candidates = [e for e, deleted in zip(first + rest, gone, strict=True) if deleted]
+
+    # -- a killed writer's temp files ----------------------------------------------------------
+    stale: list[Entry] = []
+    if isinstance(backend, SupportsScratch):
+        # Never a live writer's temp file, however short the grace period: it would fail.
+        cutoff = min(blob_cutoff, now - SCRATCH_MIN_AGE)
+        stale = [e for e in backend.iter_scratch() if e.modified < cutoff]
+        if not dry_run:
+            stale = [e for e in stale if backend.delete_scratch(e.key, modified_before=cutoff)]
+
+    return GcReport(
+        dry_run=dry_run,
+        manifests=tuple(key for key, _ in doomed),
+        manifest_bytes=sum(entry.size for _, entry in doomed),
+        blobs=tuple(e.key for e in candidates),
+        blob_bytes=sum(e.size for e in candidates),
+        temp_files=tuple(e.key for e in stale),
+        temp_bytes=sum(e.size for e in stale),
+        kept_manifests=MappingProxyType({r: n for r, n in kept_manifests.items() if n}),
+        kept_blobs=MappingProxyType({r: n for r, n in kept_blobs.items() if n}),
+        problems=tuple(problems),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def delete_experiment(store: Store, name: str) -> int:
+    """Delete the records of experiment ``name``; return how many there were.
+
+    Its node keys stop being roots: a ``collect`` afterwards frees what only this experiment
+    used, once its manifests are older than ``keep_recent``. The experiment folder's marker is
+    left alone (``Experiment.restore`` then shows an empty graph). NotFoundError if the store
+    holds no record of ``name``.
+    """
+    backend = store.backend
+    if not isinstance(backend, SupportsDelete):
+        raise TypeError(f"{store.url} cannot delete objects, so experiments cannot be deleted")
+    prefix = f"{EXPERIMENTS}{check_name(name)}/"
+    keys = list(backend.iter_keys(prefix))
+    if not keys:
+        raise NotFoundError(
+            f"no experiment {name!r} in {store.url}: see dagger_store.records.experiments()",
+            key=prefix,
+        )
+    return sum(store._map(backend.delete, keys))
+
+
+# -- marking -------------------------------------------------------------------------------------
+
+
+def _roots(store: Store, now: float) -> dict[NodeKey, str]:
+    """Every root key and why it is one; a record deleted while read is read around."""
+    for attempt in range(_ROOT_ATTEMPTS):
+        try:
+            return _read_roots(store, now)
+        except NotFoundError:
+            if attempt == _ROOT_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _read_roots(store: Store, now: float) -> dict[NodeKey, str]:
+    try:
+        from dagger_store.leases import live_keys
+    except ImportError:  # no leases in this version: nothing is leased
+        leased: set[NodeKey] = set()
+    else:
+        leased = live_keys(store, now)
+    roots = dict.fromkeys(leased, LEASED)
+    roots.update((key, PINNED) for keys in pins(store).values() for key in keys)
+    roots.update(dict.fromkeys(referenced_keys(store), REFERENCED))
+    return roots
+
+
+def _named_blobs(store: Store, key: str) -> list[Digest] | str:
+    """The blobs the manifest at ``key`` names, or a problem. Its signature is not checked:
+    a forged manifest can only keep blobs alive, and an unsigned one must keep its own."""
+    try:
+        data = store.backend.read(key)
+    except NotFoundError:
+        return []  # deleted since it was listed (by another collector): names nothing now
+    except StoreError as exc:
+        return f"manifest {key}: {exc}"
+    try:
+        return list(Manifest.decode(data, key=key).blobs.values())
+    except StoreError as exc:
+        return f"manifest {key} cannot be read, so the blobs it names are unknown: {exc}"
+
+
+def _mark_leaves(
+    store: Store, hexes: Iterable[str], marked: set[str], *, only_indexes: bool = False
+) -> list[str]:
+    """Mark the leaves of the chunked blobs ``hexes``; the problems met.
+
+    ``only_indexes``: the objects are merely possibly indexes (young, unreferenced objects of an
+    index's size): a leaf among them is no problem, and it marks nothing.
+    """
+    hexes = list(hexes)
+    problems: list[str] = []
+    found = store._map(lambda h: _leaves(store, h, only_indexes), hexes)
+    for hex_, leaves in zip(hexes, found, strict=True):
+        if isinstance(leaves, str):
+            problems.append(f"blob {hex_}: {leaves}")
+        else:
+            marked.update(leaf.hex for leaf in leaves)
+    return problems
+
+
+def _leaves(store: Store, hex_: str, only_indexes: bool) -> list[Digest] | str:
+    key = f"{BLOBS}{hex_[:2]}/{hex_}"  # as store._blob_key names a digest's object
+    backend = store.backend
+    try:
+        if only_indexes and isinstance(backend, SupportsReadInto):
+            head = bytearray(HEADER_SIZE)
+            backend.read_into(key, 0, memoryview(head))
+            if codecs.read_header(head, key) is not Codec.INDEX:
+                return []
+        data = backend.read(key)
+        if codecs.read_header(data, key) is not Codec.INDEX:
+            if only_indexes:
+                return []
+            return "should be a chunked blob's index but is not, so its leaves are unknown"
+        payload = memoryview(data)[HEADER_SIZE:]
+        return codecs.index_leaves(payload, codecs.decode_index(payload, hex_, key))
+    except NotFoundError:
+        return []  # gone: its leaves are no longer its to keep
+    except StoreError as exc:
+        return f"its index cannot be read, so its leaves are unknown: {exc}"
+
+
+# -- sweeping ------------------------------------------------------------------------------------
+
+
+def _delete(store: Store, entries: list[Entry], cutoff: float) -> list[bool]:
+    """Delete each entry unless it was modified at or after ``cutoff`` meanwhile; in parallel."""
+    backend = store.backend
+    assert isinstance(backend, SupportsDelete)
+
+    def delete(entry: Entry) -> bool:
+        return backend.delete(entry.key, modified_before=cutoff)
+
+    return store._map(delete, entries)
+
+
+def _node_key(path: str) -> NodeKey | None:
+    try:
+        return NodeKey(path.rsplit("/", 1)[1])
+    except InvalidKeyError:
+        return None
+
+
+def _blob_hex(path: str) -> str | None:
+    key = _node_key(path)  # blob names are 64 lowercase hex too
+    return None if key is None else key.hex
+
+
+def _may_be_index(size: int) -> bool:
+    return size >= _MIN_INDEX and (size - _INDEX_BASE) % 32 == 0
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n:,} B"
+    scaled = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        scaled /= 1024
+        if scaled < 1024 or unit == "GiB":
+            break
+    return f"{scaled:,.1f} {unit}"
+
+
+def _counted(reasons: Mapping[str, int], what: str) -> str:
+    total = sum(reasons.values())
+    if not total:
+        return f"0 {what}"
+    return f"{total} {what} (" + ", ".join(f"{n} {r}" for r, n in reasons.items()) + ")"
