@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -168,7 +169,8 @@ def _du(store: ds.Store, args: Any) -> int:
 
 
 def _verify(store: ds.Store, args: Any) -> int:
-    report = store.verify()
+    with _Status("verify") as status:
+        report = store.verify(progress=status.update)
     for problem in report.problems:
         print(problem)
     print(
@@ -181,7 +183,10 @@ def _verify(store: ds.Store, args: Any) -> int:
 def _gc(store: ds.Store, args: Any) -> int:
     from dagger_store.gc import collect
 
-    report = collect(store, grace=args.grace, keep_recent=args.keep_recent, dry_run=not args.delete)
+    with _Status("gc"):
+        report = collect(
+            store, grace=args.grace, keep_recent=args.keep_recent, dry_run=not args.delete
+        )
     print(report)
     return OK
 
@@ -211,6 +216,40 @@ def _draw(store: ds.Store, args: Any) -> int:
         return USAGE
     print(f"wrote {args.output}")
     return OK
+
+
+class _Status:
+    """On a terminal, a line on stderr saying what runs, how far (if known), and for how long."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._shown = sys.stderr.isatty()
+        self._done = self._total = 0
+        self._stop = threading.Event()
+        self._start = time.monotonic()
+        self._thread = threading.Thread(target=self._show, daemon=True)
+
+    def update(self, done: int, total: int) -> None:
+        self._done, self._total = done, total
+
+    def _show(self) -> None:
+        while True:
+            count = f" {self._done:,}/{self._total:,}" if self._total else ""
+            elapsed = time.monotonic() - self._start
+            print(f"\r{self.what}{count}  {elapsed:.0f} s ", end="", file=sys.stderr, flush=True)
+            if self._stop.wait(0.5):
+                return
+
+    def __enter__(self) -> _Status:
+        if self._shown:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._shown:
+            self._stop.set()
+            self._thread.join()
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
 
 
 def _bytes(n: float) -> str:

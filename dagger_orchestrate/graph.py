@@ -134,7 +134,14 @@ class Graph:
         definitions = read_records(store, experiment, "def")
         if state_class is None:
             names = [d["state_class"] for d in definitions if d.get("state_class")]
-            state_class = _import_class(names[-1]) if names else ExperimentState
+            # Importing runs a module's code, and records are not signed: import only from a
+            # trusted store; elsewhere states come back as a stand-in of the same name.
+            if not names:
+                state_class = ExperimentState
+            elif store.trusted:
+                state_class = _import_class(names[-1])
+            else:
+                state_class = _stand_in(names[-1])
         graph = cls(store, state_class)
         parents: dict[ds.NodeKey, ds.NodeKey | None] = {}
         tags: dict[ds.NodeKey, set[str]] = {}
@@ -255,5 +262,9 @@ def _import_class(path: str) -> type[ExperimentState]:
             return found
     except (ImportError, AttributeError):
         pass
-    # Defined in a script (__main__) or gone: restore attributes onto a stand-in of that name.
-    return type(qualname.rsplit(".", 1)[-1], (ExperimentState,), {})
+    return _stand_in(path)  # defined in a script (__main__), or gone
+
+
+def _stand_in(path: str) -> type[ExperimentState]:
+    """A class of the same name to restore attributes onto, when the real one is not at hand."""
+    return type(path.rsplit(".", 1)[-1], (ExperimentState,), {})

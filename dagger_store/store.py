@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -418,16 +419,33 @@ class Store:
 
     # -- whole-store checks --------------------------------------------------------------------
 
-    def verify(self) -> VerifyReport:
-        """Re-hash every blob and check every manifest; report, never repair or raise."""
+    def verify(self, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+        """Re-hash every blob and check every manifest; report, never repair or raise.
+
+        ``progress(done, total)``, if given, is called as objects are checked.
+        """
         blob_keys = list(self.backend.iter_keys(BLOBS))
-        problems = [p for p in self._map(self._verify_object, blob_keys) if p]
         manifest_keys = list(self.manifest_keys())
+        total, done, lock = len(blob_keys) + len(manifest_keys), [0], threading.Lock()
+
+        def tick() -> None:
+            if progress is not None:
+                with lock:
+                    done[0] += 1
+                    progress(done[0], total)
+
+        def check_blob(key: str) -> str:
+            problem = self._verify_object(key)
+            tick()
+            return problem
+
+        problems = [p for p in self._map(check_blob, blob_keys) if p]
         for key in manifest_keys:
             try:
                 self.get_manifest(key)
             except StoreError as exc:
                 problems.append(f"manifest {key}: {exc}")
+            tick()
         return VerifyReport(len(blob_keys), len(manifest_keys), tuple(problems))
 
     def _verify_object(self, key: str) -> str:

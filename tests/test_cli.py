@@ -125,3 +125,30 @@ def test_pin_gc_unpin(lab: tuple, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 3
     code, out, _ = run(capsys, "--store", store, "verify")
     assert code == 0
+
+
+def test_long_operations_show_progress_only_on_a_terminal(lab: tuple) -> None:
+    import pty
+
+    store, _, _ = lab
+    script = str(Path(sys.executable).with_name("dagger-lab"))
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [script, "--store", store, "verify"], stderr=follower, stdout=subprocess.PIPE
+        )
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal's other end is closed: all read
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0 and b"verify" in shown and b"\x1b[K" in shown
+    piped = subprocess.run([script, "--store", store, "verify"], capture_output=True)
+    assert piped.returncode == 0 and piped.stderr == b""  # not a terminal: no status line
