@@ -20,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import common  # benchmarks/common.py, beside this script
 import numpy as np
-import table  # benchmarks/table.py, beside this script
 
 import dagger_orchestrate as dg
 
@@ -143,7 +143,7 @@ def main() -> None:
                 "-",
             ),
         ]
-        table.print_table(("figure", "at once", "in turn", "ratio", "bar", "result"), rows)
+        common.print_table(("figure", "at once", "in turn", "ratio", "bar", "result"), rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -25,23 +25,18 @@ removed at the end. Exit status is 0: this is a report.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import common  # benchmarks/common.py, beside this script
 import numpy as np
-from table import print_table  # benchmarks/table.py, beside this script
 
 import dagger_store as ds
 from dagger_store.gc import GcReport, collect
@@ -52,11 +47,6 @@ GIB = 2**30
 GB = 1e9
 SHARED_BLOBS = 100
 UNIQUE_SIZE = 1024
-FAKE_AWS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 def best(repeat: int, steps: dict[str, Callable[[], object]]) -> dict[str, float]:
@@ -181,47 +171,6 @@ def measure_collect(
     return rows, ok
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def moto_server(log_dir: Path) -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 (fake credentials only): its endpoint; stopped on exit."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        os.environ.pop(name, None)
-    os.environ.update(FAKE_AWS)
-    endpoint = f"http://127.0.0.1:{free_port()}"
-    binary = Path(sys.executable).with_name("moto_server")
-    with open(log_dir / "moto.log", "wb") as log:  # a file: a full pipe would block the server
-        process = subprocess.Popen(
-            [str(binary), "-H", "127.0.0.1", "-p", endpoint.rsplit(":", 1)[1]],
-            stdout=log,
-            stderr=log,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start; see {log_dir}") from None
-                time.sleep(0.05)
-        yield endpoint
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -232,12 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds, best kept (3)")
     parser.add_argument("--s3-repeat", type=int, default=1, help="S3 dry runs, best kept (1)")
     parser.add_argument("--skip-s3", action="store_true", help="skip the moto_server figures")
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=Path("/work") if Path("/work").is_dir() else Path(__file__).resolve().parents[1],
-        help="where the temporary scratch folder goes: a real disk, not tmpfs (default /work)",
-    )
+    common.add_work_dir(parser)
     return parser.parse_args(argv)
 
 
@@ -270,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             print("collect, S3 (moto_server) ...", flush=True)
             import s3fs  # slow to import; only needed here
 
-            with moto_server(work) as endpoint:
+            with common.moto_server(work) as (endpoint, _):
                 options: dict[str, Any] = {
                     "endpoint_url": endpoint,
-                    "key": FAKE_AWS["AWS_ACCESS_KEY_ID"],
-                    "secret": FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
+                    "key": common.FAKE_AWS["AWS_ACCESS_KEY_ID"],
+                    "secret": common.FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
                 }
                 fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
                 fs.call_s3("create_bucket", Bucket="dagger-bench-lab")
@@ -286,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()
-    print_table(["figure", "dagger", "baseline", "note", "ratio"], rows)
+    common.print_table(["figure", "dagger", "baseline", "note", "ratio"], rows)
     print(
         "ratio = verify throughput / baseline throughput (both from the page cache).\n"
         f"Load average at the end: {os.getloadavg()[0]:.2f}."

@@ -57,12 +57,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import common  # benchmarks/common.py, beside this script
 import joblib
 import numpy as np
-import table  # benchmarks/table.py, beside this script
 
 import dagger_orchestrate as dg
 import dagger_store as ds
+from dagger_orchestrate.folder import STORE_ENV
 from dagger_store.backends.local import LocalBackend
 from dagger_store.codecs import HEADER_SIZE, Codec, read_header
 from dagger_store.store import BLOBS  # the layout's blob prefix, to count blob reads
@@ -123,7 +124,7 @@ def print_table(rows: list[Row]) -> None:
         )
         for r in rows
     ]
-    table.print_table(header, rows_text)
+    common.print_table(header, rows_text)
 
 
 def seconds_text(seconds: float) -> str:
@@ -751,18 +752,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tiny-nodes", type=int, default=1000, help="nodes in the tiny chain (1000)"
     )
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=Path("/work") if Path("/work").is_dir() else Path(__file__).resolve().parents[1],
-        help="where the temporary scratch folder goes: a real disk, not tmpfs (default /work)",
-    )
+    common.add_work_dir(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ.pop(dg.experiment.STORE_ENV, None)  # every Experiment uses its embedded store
+    os.environ.pop(STORE_ENV, None)  # every Experiment uses its embedded store
     work = Path(tempfile.mkdtemp(prefix="dagger-bench-orch-", dir=args.work_dir))
     print(
         f"dagger_orchestrate benchmark: 13-state tree of 60 MB states (40 MB data, 20 MB "

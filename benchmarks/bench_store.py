@@ -26,27 +26,22 @@ Exit status is 0 even when a bar fails: this is a report.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import multiprocessing
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import common  # benchmarks/common.py, beside this script
 import numpy as np
-import table  # benchmarks/table.py, beside this script
 
 import dagger_store as ds
 from dagger_store.store import _manifest_key  # the layout's manifest path, for the baseline
@@ -56,12 +51,6 @@ GB = 1e9
 S3_KEYS = 1000
 SMALL_PUTS = 1000
 SMALL_SIZE = 4096
-FAKE_AWS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
 
 # -- report ------------------------------------------------------------------------------------
 
@@ -98,7 +87,7 @@ def print_table(rows: list[Row]) -> None:
         )
         for r in rows
     ]
-    table.print_table(header, rows_text)
+    common.print_table(header, rows_text)
 
 
 def gbps(size: int, seconds: float) -> str:
@@ -418,47 +407,6 @@ def measure_small_puts(work: Path, repeat: int) -> Row:
 # -- S3 ----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.contextmanager
-def moto_server(log_dir: Path) -> Iterator[tuple[str, int]]:
-    """A moto S3 server on 127.0.0.1 (fake credentials only): (endpoint, pid); stopped on exit."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        os.environ.pop(name, None)
-    os.environ.update(FAKE_AWS)
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    binary = Path(sys.executable).with_name("moto_server")
-    with open(log_dir / "moto.log", "wb") as log:  # a file: a full pipe would block the server
-        process = subprocess.Popen(
-            [str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log_file = log_dir / "moto.log"
-                    raise RuntimeError(f"moto_server did not start; see {log_file}") from None
-                time.sleep(0.05)
-        yield endpoint, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def process_cpu(pid: int) -> float:
     """User + system CPU seconds of another process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -469,11 +417,11 @@ def measure_s3_exists(work: Path, repeat: int) -> tuple[list[Row], bool]:
     """Bar 4: 1,000 keys (half present) in one batched call vs sequential s3fs.exists."""
     import s3fs  # slow to import; only needed here
 
-    with moto_server(work) as (endpoint, moto_pid):
+    with common.moto_server(work) as (endpoint, moto_pid):
         options = {
             "endpoint_url": endpoint,
-            "key": FAKE_AWS["AWS_ACCESS_KEY_ID"],
-            "secret": FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
+            "key": common.FAKE_AWS["AWS_ACCESS_KEY_ID"],
+            "secret": common.FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
         }
         fs = s3fs.S3FileSystem(**options, use_listings_cache=False, skip_instance_cache=True)
         fs.call_s3("create_bucket", Bucket="dagger-bench")
@@ -616,12 +564,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size-gib", type=float, default=1.0, help="array size (default 1)")
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds, best kept (3)")
     parser.add_argument("--skip-s3", action="store_true", help="skip the moto_server S3 bar")
-    parser.add_argument(
-        "--work-dir",
-        type=Path,
-        default=Path("/work") if Path("/work").is_dir() else Path(__file__).resolve().parents[1],
-        help="where the temporary scratch folder goes: a real disk, not tmpfs (default /work)",
-    )
+    common.add_work_dir(parser)
     return parser.parse_args(argv)
 
 
