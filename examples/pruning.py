@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 
 import dagger_orchestrate as dg
+from dagger_store.records import read_records
 
 # -- the user's own ML code: plain numpy, nothing dagger-specific -----------------------------
 
@@ -167,8 +168,8 @@ def main():
         print(f"{row:<6}" + "".join(f"{value:>17.4f}" for value in values))
 
     print(f"\n{report}")
-    runs = len(list(path.glob("records/*.run")))  # one record per exp.run() on this folder
-    nth = ["first", "second", "third"][runs - 1] if runs <= 3 else f"{runs}th"
+    runs = len(read_records(exp.store, exp.name, "run"))  # one record per exp.run()
+    nth = {1: "first", 2: "second", 3: "third"}.get(runs, f"{runs}th")
     print(f"{nth} run: {len(report.executed)} nodes executed, {len(report.cached)} cached")
 
     # -- analysis, as in the paper: reopen the experiment; no state is loaded until restore() --
