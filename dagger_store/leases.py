@@ -79,14 +79,14 @@ def renew(store: Store, lease: Lease, seconds: float) -> Lease | None:
 def release(store: Store, lease: Lease) -> None:
     """Give ``lease`` up now, so waiters need not wait for its expiry; never raises."""
     try:
-        released = _write(store, lease.key, lease.owner, 0.0, lease.generation + 1)
         delete = getattr(store.backend, "delete", None)
-        if released is None or delete is None:
-            return  # lost already (the chain is someone else's), or nothing can tidy it
-        # Tidy our part of the chain away; a newer generation is a new holder's: keep it.
+        if delete is None:  # cannot tidy: end the chain with an already-expired generation
+            _write(store, lease.key, lease.owner, 0.0, lease.generation + 1)
+            return
+        # Remove our part of the chain; a newer generation is a new holder's: keep it.
         folder = f"{LEASES}{lease.key.hex}/"
         for old in list(store.backend.iter_keys(folder)):
-            if int(old[len(folder) :]) <= released.generation:
+            if int(old[len(folder) :]) <= lease.generation:
                 delete(old)
     except StoreError:
         pass  # advice only: an expiry frees it anyway
