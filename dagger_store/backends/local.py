@@ -88,14 +88,8 @@ class LocalBackend:
         with self._translated(key):
             if path.exists():  # cheap fast path; the link below is what decides
                 return False
-            self._tmp.mkdir(exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self._tmp)
+            tmp = self._durable_temp(parts)
             try:
-                with open(fd, "wb", buffering=0) as f:
-                    os.fchmod(f.fileno(), _OBJECT_MODE)
-                    for part in parts:
-                        _write_all(f.fileno(), memoryview(part))
-                    os.fsync(f.fileno())
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
                     os.link(tmp, path)
@@ -105,6 +99,23 @@ class LocalBackend:
                 return True
             finally:
                 os.unlink(tmp)
+
+    def _durable_temp(self, parts: Sequence[Buffer]) -> str:
+        """A read-only temp file in the store's tree holding ``parts``, fsynced, ready to be
+        linked or renamed into place (same file system, so that is atomic)."""
+        self._tmp.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._tmp)
+        try:
+            with open(fd, "wb", buffering=0) as f:
+                os.fchmod(f.fileno(), _OBJECT_MODE)
+                for part in parts:
+                    _write_all(f.fileno(), memoryview(part))
+                os.fsync(f.fileno())
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return tmp
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
         return [self._path(key).exists() for key in keys]
@@ -179,13 +190,8 @@ class LocalBackend:
             data = path.read_bytes()
         except FileNotFoundError:
             return False
-        self._tmp.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._tmp)
+        tmp = self._durable_temp([data])
         try:
-            with open(fd, "wb", buffering=0) as f:
-                os.fchmod(f.fileno(), _OBJECT_MODE)
-                _write_all(f.fileno(), memoryview(data))
-                os.fsync(f.fileno())
             # Readers see the old file or the copy, both whole and equal; should the original
             # have been deleted meanwhile, the copy restores it, which is what a touch wants.
             os.rename(tmp, path)
