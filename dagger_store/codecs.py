@@ -17,6 +17,7 @@ import threading
 import zstandard
 from blake3 import blake3
 
+from dagger_store.backends.base import fill
 from dagger_store.digest import ALGORITHM, LEAF_SIZE, Digest, tree_digest
 from dagger_store.errors import FormatError, IntegrityError
 
@@ -129,12 +130,7 @@ def decompress_into(payload: bytes | memoryview, target: memoryview, key: str) -
                 key=key,
             )
         with zstandard.ZstdDecompressor().stream_reader(payload) as reader:
-            filled = 0
-            while filled < len(target):
-                n = reader.readinto(target[filled:])
-                if not n:
-                    break
-                filled += n
+            filled = fill(reader.readinto, target)
             overflow = reader.read(1)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"blob {key!r} is not valid zstd: {exc}", key=key) from exc

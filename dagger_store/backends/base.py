@@ -24,7 +24,7 @@ Policy (hashing, verification, layout, manifests) lives above the seam in ``Stor
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -146,6 +146,21 @@ class SupportsScratch(Protocol):
     def delete_scratch(self, name: str, *, modified_before: float) -> bool:
         """Remove scratch file ``name`` if it was last modified before ``modified_before``."""
         ...
+
+
+def fill(readinto: Callable[[memoryview], int | None], out: memoryview) -> int:
+    """Call ``readinto`` until ``out`` is full or the source ends; how many bytes were read.
+
+    A single ``readinto`` may stop short (large buffers, pipes, decompressors); loop without
+    copying.
+    """
+    filled = 0
+    while filled < len(out):
+        n = readinto(out[filled:])
+        if not n:
+            break
+        filled += n
+    return filled
 
 
 def refresh(backend: Backend, key: str) -> bool:

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from dagger_store.backends.base import Buffer, Entry, check_key
+from dagger_store.backends.base import Buffer, Entry, check_key, fill
 from dagger_store.errors import BackendError, InvalidKeyError, NotFoundError
 
 _TMP = ".tmp"
@@ -69,13 +69,7 @@ class LocalBackend:
         path = self._path(key)
         with self._translated(key), open(path, "rb", buffering=0) as f:
             f.seek(offset)
-            filled = 0
-            while filled < len(out):
-                n = f.readinto(out[filled:])
-                if not n:
-                    break
-                filled += n
-            return filled
+            return fill(f.readinto, out)
 
     def write_once(self, key: str, *parts: Buffer) -> bool:
         path = self._path(key)
