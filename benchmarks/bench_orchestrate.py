@@ -537,25 +537,37 @@ class Folders:
     checks: dict[str, bool] = field(default_factory=dict)
 
 
+def cold_rounds(
+    work: Path, prefix: str, runs: dict[str, Callable[[Path], int]], repeat: int
+) -> tuple[dict[str, float], dict[str, Path], dict[str, list[int]]]:
+    """``repeat`` alternating rounds of each contender on a fresh folder: the best time per
+    contender, its last folder (kept for the cached runs), and what each round executed."""
+    best = dict.fromkeys(runs, math.inf)
+    kept: dict[str, Path] = {}
+    executed: dict[str, list[int]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            if name in kept:
+                shutil.rmtree(kept[name])
+            folder = kept[name] = new_dir(work, f"{prefix}{name}-")
+            elapsed, count = timed(lambda run=run, folder=folder: run(folder))
+            executed[name].append(count)
+            best[name] = min(best[name], elapsed)
+    return best, kept, executed
+
+
 def measure_cold(work: Path, repeat: int) -> tuple[Row, Folders]:
     """Cold run of the 13-state tree, each contender on a fresh folder per round."""
-    best = {"naive": math.inf, "joblib": math.inf, "dagger": math.inf}
-    kept: dict[str, Path] = {}
-    executed: dict[str, int] = {}
     runs: dict[str, Callable[[Path], int]] = {
         "naive": lambda p: naive_run(p, LEARNING_RATES).executed,
         "joblib": lambda p: joblib_run(p, LEARNING_RATES),
         "dagger": lambda p: len(dagger_run(p, LEARNING_RATES).executed),
     }
-    for _ in range(repeat):
-        for name, run in runs.items():
-            if name in kept:
-                shutil.rmtree(kept[name])
-            folder = kept[name] = new_dir(work, f"{name}-")
-            elapsed, executed[name] = timed(lambda run=run, folder=folder: run(folder))
-            best[name] = min(best[name], elapsed)
+    best, kept, executed = cold_rounds(work, "", runs, repeat)
     folders = Folders(kept["naive"], kept["joblib"], kept["dagger"])
-    folders.checks["cold runs execute 13 nodes each"] = set(executed.values()) == {13}
+    folders.checks["cold runs execute 13 nodes each"] = {
+        n for counts in executed.values() for n in counts
+    } == {13}
     row = Row(
         "cold run, 13 states",
         seconds_text(best["dagger"]),
@@ -704,21 +716,11 @@ def measure_restore(folders: Folders) -> Row:
 
 def measure_tiny(work: Path, nodes: int, repeat: int, checks: dict[str, bool]) -> list[Row]:
     """Per-node overhead on a chain of ``nodes`` tiny nodes: cold (fresh folders), then cached."""
-    cold = {"joblib": math.inf, "dagger": math.inf}
-    kept: dict[str, Path] = {}
-    ran: dict[str, list[int]] = {"joblib": [], "dagger": []}
     runs: dict[str, Callable[[Path], int]] = {
         "joblib": lambda p: joblib_tiny(p, nodes),
         "dagger": lambda p: len(dagger_tiny(p, nodes).executed),
     }
-    for _ in range(repeat):
-        for name, run in runs.items():
-            if name in kept:
-                shutil.rmtree(kept[name])
-            folder = kept[name] = new_dir(work, f"tiny-{name}-")
-            elapsed, count = timed(lambda run=run, folder=folder: run(folder))
-            ran[name].append(count)
-            cold[name] = min(cold[name], elapsed)
+    cold, kept, ran = cold_rounds(work, "tiny-", runs, repeat)
     warm, again = best_of(
         repeat, {name: lambda r=r, n=name: r(kept[n]) for name, r in runs.items()}
     )
