@@ -40,8 +40,8 @@ import numpy as np
 
 import dagger_store as ds
 from dagger_store.gc import GcReport, collect
+from dagger_store.layout import BLOBS, manifest_key
 from dagger_store.records import add_record
-from dagger_store.store import BLOBS, _manifest_key
 
 GIB = 2**30
 GB = 1e9
@@ -131,7 +131,7 @@ def populate(store: ds.Store, manifests: int, threads: int) -> tuple[float, list
             key = ds.node_key("bench", {"manifest": i})
             shared_digest = shared_digests[i // 2 % SHARED_BLOBS]  # referenced and not alike
             manifest = ds.Manifest({"unique": digest, "shared": shared_digest})
-            backend.write_once(_manifest_key(key), manifest.encode())
+            backend.write_once(manifest_key(key), manifest.encode())
             return key
 
         keys = list(pool.map(one, range(manifests)))
@@ -214,12 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             print("collect, S3 (moto_server) ...", flush=True)
             import s3fs  # slow to import; only needed here
 
-            with common.moto_server(work) as (endpoint, _):
-                options: dict[str, Any] = {
-                    "endpoint_url": endpoint,
-                    "key": common.FAKE_AWS["AWS_ACCESS_KEY_ID"],
-                    "secret": common.FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
-                }
+            with common.moto_server(work) as server:
+                options: dict[str, Any] = server.storage_options
                 fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
                 fs.call_s3("create_bucket", Bucket="dagger-bench-lab")
                 with ds.open_store("s3://dagger-bench-lab/store", storage_options=options) as s3:

@@ -65,8 +65,8 @@ import dagger_orchestrate as dg
 import dagger_store as ds
 from dagger_orchestrate.folder import STORE_ENV
 from dagger_store.backends.local import LocalBackend
-from dagger_store.codecs import HEADER_SIZE, Codec, read_header
-from dagger_store.store import BLOBS  # the layout's blob prefix, to count blob reads
+from dagger_store.framing import HEADER_SIZE, Framing, read_header
+from dagger_store.layout import BLOBS  # the blobs' prefix, to count blob reads
 
 MB = 1e6
 DATA_FLOATS = 10_000_000  # 40 MB of float32
@@ -197,8 +197,8 @@ class ReadCounter:
     index_bytes: int = 0
     index_reads: int = 0
 
-    def add(self, codec: Codec | None, size: int) -> None:
-        if codec is Codec.INDEX:
+    def add(self, codec: Framing | None, size: int) -> None:
+        if codec is Framing.INDEX:
             self.index_bytes += size
             self.index_reads += 1
         else:  # a leaf, or an object too damaged to say: count it as payload, strictly
@@ -206,7 +206,7 @@ class ReadCounter:
             self.payload_reads += 1
 
 
-def object_codec(head: bytes | bytearray | memoryview, key: str) -> Codec | None:
+def object_codec(head: bytes | bytearray | memoryview, key: str) -> Framing | None:
     try:
         return read_header(head, key)
     except ds.StoreError:

@@ -44,7 +44,7 @@ import common  # benchmarks/common.py, beside this script
 import numpy as np
 
 import dagger_store as ds
-from dagger_store.store import _manifest_key  # the layout's manifest path, for the baseline
+from dagger_store.layout import BLOBS, manifest_key  # paths, for the baselines
 
 GIB = 2**30
 GB = 1e9
@@ -196,7 +196,7 @@ def touched_buffer(like: np.ndarray) -> np.ndarray:
 
 def stored_bytes(store_dir: Path) -> int:
     """Bytes of every blob object in a local store (what the disk holds for its blobs)."""
-    return sum(p.stat().st_size for p in (store_dir / "v1" / "blobs").rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in (store_dir / BLOBS).rglob("*") if p.is_file())
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -417,12 +417,8 @@ def measure_s3_exists(work: Path, repeat: int) -> tuple[list[Row], bool]:
     """Bar 4: 1,000 keys (half present) in one batched call vs sequential s3fs.exists."""
     import s3fs  # slow to import; only needed here
 
-    with common.moto_server(work) as (endpoint, moto_pid):
-        options = {
-            "endpoint_url": endpoint,
-            "key": common.FAKE_AWS["AWS_ACCESS_KEY_ID"],
-            "secret": common.FAKE_AWS["AWS_SECRET_ACCESS_KEY"],
-        }
+    with common.moto_server(work) as server:
+        moto_pid, options = server.pid, server.storage_options
         fs = s3fs.S3FileSystem(**options, use_listings_cache=False, skip_instance_cache=True)
         fs.call_s3("create_bucket", Bucket="dagger-bench")
         store = ds.open_store("s3://dagger-bench/store", storage_options=options)
@@ -430,7 +426,7 @@ def measure_s3_exists(work: Path, repeat: int) -> tuple[list[Row], bool]:
         present = keys[::2]
         with ThreadPoolExecutor(16) as pool:  # setup only: commit the present half
             list(pool.map(lambda k: store.commit(k, ds.Manifest({}, {"bench": True})), present))
-        backend_keys = [_manifest_key(k) for k in keys]
+        backend_keys = [manifest_key(k) for k in keys]
         paths = [f"dagger-bench/store/{k}" for k in backend_keys]
         answers: dict[str, Any] = {}
         cpu: dict[str, tuple[float, float]] = {}  # name -> least (client, moto) CPU seconds

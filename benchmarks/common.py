@@ -7,21 +7,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-FAKE_AWS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+from dagger_store import testing
 
 
 def add_work_dir(parser: argparse.ArgumentParser) -> None:
@@ -48,42 +37,9 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     print(rule)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
-def moto_server(log_dir: Path) -> Iterator[tuple[str, int]]:
-    """A moto S3 server on 127.0.0.1 (fake credentials only): (endpoint, pid); stopped on exit."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        os.environ.pop(name, None)
-    os.environ.update(FAKE_AWS)
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    binary = Path(sys.executable).with_name("moto_server")
-    with open(log_dir / "moto.log", "wb") as log:  # a file: a full pipe would block the server
-        process = subprocess.Popen(
-            [str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log_file = log_dir / "moto.log"
-                    raise RuntimeError(f"moto_server did not start; see {log_file}") from None
-                time.sleep(0.05)
-        yield endpoint, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def moto_server(log_dir: Path) -> Iterator[testing.MotoServer]:
+    """A moto S3 server on 127.0.0.1 (``endpoint``, ``pid``, ``storage_options``), with fake
+    credentials in this process's environment too; both stopped and restored on exit."""
+    with testing.fake_aws_environ(), testing.moto_server(log_dir) as server:
+        yield server

@@ -13,14 +13,15 @@ once which exist, and only the missing nodes run, on dask::
     report = exp.run()
 """
 
+from dagger_orchestrate.codecs import register_codec
+from dagger_orchestrate.definition import FunctionCall, StatePromise
+from dagger_orchestrate.execute import register_scheduler
 from dagger_orchestrate.experiment import (
     Experiment,
-    FunctionCall,
     FunctionResult,
     RunError,
     RunReport,
     StaleCodeWarning,
-    StatePromise,
 )
 from dagger_orchestrate.function import Function
 from dagger_orchestrate.graph import Graph, GraphNode, NodeSet
@@ -41,4 +42,6 @@ __all__ = [
     "RunReport",
     "StaleCodeWarning",
     "StatePromise",
+    "register_codec",
+    "register_scheduler",
 ]

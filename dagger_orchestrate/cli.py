@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import dagger_store as ds
+from dagger_store.layout import OBJECTS
 from dagger_store.records import experiments, read_records
+from dagger_store.units import format_bytes
 
 OK, PROBLEMS, USAGE, STORE_ERROR = 0, 1, 2, 3
 
@@ -143,7 +145,7 @@ def _show(store: ds.Store, args: Any) -> int:
             d.size for n, d in manifest.blobs.items() if n.split("#")[0].split("@")[0] == name
         )
         shape = f"{spec['dtype']} {tuple(spec['shape'])}" if "shape" in spec else ""
-        print(f"  {name:<20} {spec['codec']:<8} {shape:<24} {_bytes(size):>10}")
+        print(f"  {name:<20} {spec['codec']:<8} {shape:<24} {format_bytes(size):>10}")
     print("provenance")
     for field, value in manifest.meta.get("provenance", {}).items():
         if field == "finished":
@@ -159,11 +161,12 @@ def _du(store: ds.Store, args: Any) -> int:
         logical += sum(d.size for d in manifest.blobs.values())
     entries = getattr(store.backend, "iter_entries", None)  # sizes from listings, no reads
     if entries is not None:
-        stored = sum(e.size for e in entries("v1/"))
+        stored = sum(e.size for e in entries(OBJECTS))
     else:
-        stored = sum(len(store.backend.read(k)) for k in store.backend.iter_keys("v1/"))
+        stored = sum(len(store.backend.read(k)) for k in store.backend.iter_keys(OBJECTS))
     ratio = logical / stored if stored else 0.0
-    print(f"{len(manifests)} nodes name {_bytes(logical)}; the store holds {_bytes(stored)}")
+    holds = f"the store holds {format_bytes(stored)}"
+    print(f"{len(manifests)} nodes name {format_bytes(logical)}; {holds}")
     print(f"dedup ratio {ratio:.2f}x")
     return OK
 
@@ -250,14 +253,6 @@ class _Status:
             self._stop.set()
             self._thread.join()
             print("\r\033[K", end="", file=sys.stderr, flush=True)
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 if __name__ == "__main__":

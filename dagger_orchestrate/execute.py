@@ -11,58 +11,26 @@ the other branches still finish and commit.
 
 from __future__ import annotations
 
-import getpass
-import os
 import pickle
-import platform
-import socket
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dask.local
+import dask.multiprocessing
+import dask.threaded
 from dask.base import compute
 from dask.delayed import Delayed, delayed
 
 import dagger_store as ds
 from dagger_orchestrate.inflight import LeaseTerms, claim, holding
+from dagger_orchestrate.persist import label, load_state, save_state
 from dagger_orchestrate.plan import NodeSpec, Plan
-from dagger_orchestrate.recipe import source_hash
-from dagger_orchestrate.serialize import load_attribute, save_attribute
-from dagger_orchestrate.state import ExperimentState, class_path
-
-MANIFEST_SCHEMA = 1
-
-
-@dataclass(frozen=True, slots=True)
-class StoreRef:
-    """How a worker (thread, process or machine) opens the experiment's store."""
-
-    url: str
-    storage_options: tuple[tuple[str, Any], ...] = ()
-    cache_dir: str | None = None  # remote stores: a local read-through copy; "~" is expanded
-    # on the machine that opens the store, so each worker caches on its own disk
-    trust: bool | None = None  # open_store's trust: may pickled attributes load from here
-
-    def open(self, *, fresh: bool = False) -> ds.Store:
-        """The process's Store for this URL; ``fresh`` opens (and checks) it anew."""
-        key = (self.url, repr((self.storage_options, self.trust)))  # options: unhashable dicts
-        with _stores_lock:
-            if fresh or key not in _stores:
-                _stores[key] = ds.open_store(
-                    self.url,
-                    storage_options=dict(self.storage_options),
-                    cache_dir=os.path.expanduser(self.cache_dir) if self.cache_dir else None,
-                    trust=self.trust,
-                )
-            return _stores[key]
-
-
-_stores: dict[tuple[str, str], ds.Store] = {}
-_stores_lock = threading.Lock()
+from dagger_orchestrate.state import ExperimentState
+from dagger_orchestrate.storeref import StoreRef
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +96,12 @@ def execute(
         tasks[node.key] = delayed(run_node, pure=False)(
             node, ref, tags.get(node.key, ()), terms, parent, dask_key_name=f"node-{node.key.hex}"
         )
-    get = _scheduler(scheduler)
+    chosen = scheduler_for(scheduler)
     call_tasks: list[Delayed] = []
     for call in calls:
         # In one thread, Functions run in the order they were defined (their prints read in
         # order); elsewhere they run as soon as their node is ready.
-        after = call_tasks[-1] if call_tasks and get == "synchronous" else None
+        after = call_tasks[-1] if call_tasks and chosen.in_order else None
         call_tasks.append(
             delayed(run_function, pure=False)(
                 call, ref, tasks.get(call.node.key), after, dask_key_name=f"call-{call.index}"
@@ -142,8 +110,8 @@ def execute(
     node_tasks = list(tasks.values())
     if not node_tasks and not call_tasks:
         return {}, []
-    with _progress_bar(progress, get):
-        node_results, call_results = compute(node_tasks, call_tasks, scheduler=get)
+    with _progress_bar(progress, chosen):
+        node_results, call_results = compute(node_tasks, call_tasks, scheduler=chosen.get)
     return {o.key: o for o in node_results}, list(call_results)
 
 
@@ -176,12 +144,12 @@ def _compute(store: ds.Store, node: NodeSpec, tags: tuple[str, ...], start: floa
         for name, value in node.arguments.items():
             if name in node.state_class.PROPERTIES:
                 setattr(state, name, value)
-        _label(state, node.key, tags)
+        label(state, node.key, tags)
         state.initialize_state(**node.arguments)
     else:
         assert node.parent is not None
         state = load_state(store, node.parent, node.state_class, tags)
-        _label(state, node.key, tags)
+        label(state, node.key, tags)
         state = node.recipe.run(state)
         if not isinstance(state, ExperimentState):
             raise TypeError(
@@ -210,56 +178,6 @@ def run_function(
         return Failed(call.node.key, _portable(exc), traceback.format_exc())
 
 
-def save_state(
-    store: ds.Store, state: ExperimentState, node: NodeSpec, seconds: float
-) -> ds.Manifest:
-    """Put every stored attribute of ``state``; the manifest that describes node and state."""
-    blobs: dict[str, ds.Digest] = {}
-    attributes: dict[str, Any] = {}
-    for name, value in state.stored_attributes().items():
-        entries, attributes[name] = save_attribute(store, name, value)
-        blobs.update(entries)
-    recipe = node.recipe
-    meta = {
-        "schema": MANIFEST_SCHEMA,
-        "node": {
-            "label": node.label,
-            "kind": "state" if recipe is None else "recipe",
-            "class": class_path(node.state_class if recipe is None else type(recipe)),
-            "state_class": class_path(type(state)),
-            "parent": node.parent.hex if node.parent is not None else None,
-            "source": source_hash(node.state_class if recipe is None else type(recipe)),
-        },
-        "attributes": attributes,
-        "provenance": {
-            "seconds": round(seconds, 6),
-            "finished": time.time(),
-            "host": socket.gethostname(),
-            "user": _user(),
-            "python": platform.python_version(),
-            "pid": os.getpid(),
-        },
-    }
-    return ds.Manifest(blobs, meta)
-
-
-def load_state(
-    store: ds.Store, key: ds.NodeKey, state_class: type[ExperimentState], tags: tuple[str, ...]
-) -> ExperimentState:
-    """A fresh state object rebuilt from the manifest under ``key``."""
-    manifest = store.get_manifest(key)
-    state = state_class.__new__(state_class)
-    for name, spec in manifest.meta["attributes"].items():
-        setattr(state, name, load_attribute(store, manifest.blobs, name, spec, node=key))
-    _label(state, key, tags)
-    return state
-
-
-def _label(state: ExperimentState, key: ds.NodeKey, tags: tuple[str, ...]) -> None:
-    state._dagger_key = key.hex
-    state._dagger_tags = tags
-
-
 def _portable(exc: Exception) -> BaseException:
     # Outcomes cross process boundaries: an exception that cannot be pickled is replaced by
     # one that carries its type and message.
@@ -270,33 +188,88 @@ def _portable(exc: Exception) -> BaseException:
         return RuntimeError(f"{type(exc).__qualname__}: {exc}")
 
 
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return ""
+@dataclass(frozen=True, slots=True)
+class Scheduler:
+    """What dask computes the tasks with.
+
+    ``get`` is what ``dask.compute(scheduler=...)`` accepts: a name dask knows ("synchronous",
+    "threads", "processes") or a get function (``dask.threaded.get``, a Ray-on-dask get, a
+    ``distributed.Client.get``). ``in_order``: it runs one task at a time in this thread, so
+    Functions are made to run in the order they were defined. ``local``: dask's local
+    callbacks (the progress bar) see its tasks.
+    """
+
+    get: str | Callable[..., Any]
+    in_order: bool = False
+    local: bool = True
 
 
-def _scheduler(scheduler: Any) -> Any:
-    if scheduler is None or scheduler in ("sync", "synchronous", "single-threaded"):
-        return "synchronous"
-    if scheduler in ("threads", "processes"):
+_SYNC = Scheduler("synchronous", in_order=True)
+_SCHEDULERS: dict[str, Scheduler] = {
+    "sync": _SYNC,
+    "synchronous": _SYNC,
+    "single-threaded": _SYNC,
+    "threads": Scheduler("threads"),
+    "processes": Scheduler("processes"),
+}
+# dask's own get functions, for what dagger knows of them.
+_KNOWN_GETS: dict[Any, Scheduler] = {
+    dask.local.get_sync: Scheduler(dask.local.get_sync, in_order=True),
+    dask.threaded.get: Scheduler(dask.threaded.get),
+    dask.multiprocessing.get: Scheduler(dask.multiprocessing.get),
+}
+
+
+def register_scheduler(
+    name: str, get: str | Callable[..., Any], *, in_order: bool = False, local: bool = True
+) -> None:
+    """Make ``exp.run(name)`` compute with ``get`` (see ``Scheduler``); replaces ``name``.
+
+    For example ``register_scheduler("ray", ray.util.dask.ray_dask_get)``.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"a scheduler name is a non-empty str, got {name!r}")
+    if not (isinstance(get, str) or callable(get)):
+        raise TypeError(
+            f"scheduler {name!r}: get is a dask scheduler name or a get function "
+            f"get(graph, keys, **kwargs), got {type(get).__name__}"
+        )
+    _SCHEDULERS[name] = Scheduler(get, in_order=in_order, local=local)
+
+
+def scheduler_for(scheduler: Any) -> Scheduler:
+    """How to compute with ``scheduler``: None (synchronous), a registered name, a
+    ``Scheduler``, a ``distributed.Client``, or a dask get function."""
+    if scheduler is None:
+        return _SYNC
+    if isinstance(scheduler, Scheduler):
         return scheduler
+    if isinstance(scheduler, str):
+        if scheduler in _SCHEDULERS:
+            return _SCHEDULERS[scheduler]
+        raise ValueError(
+            f"unknown scheduler {scheduler!r}: use None or one of "
+            f"{', '.join(repr(n) for n in sorted(_SCHEDULERS))}, a dask.distributed Client, "
+            "or a dask get function (dask.threaded.get, ...); "
+            "dagger_orchestrate.register_scheduler(name, get) adds a name"
+        )
     if hasattr(scheduler, "get") and hasattr(scheduler, "submit"):  # a distributed Client
-        return scheduler.get
-    raise ValueError(
-        f"unknown scheduler {scheduler!r}: use None or 'sync', 'threads', 'processes', or a "
-        "dask.distributed Client"
+        return Scheduler(scheduler.get, local=False)
+    if callable(scheduler):
+        return _KNOWN_GETS.get(scheduler) or Scheduler(scheduler)
+    raise TypeError(
+        f"a scheduler is None, a name, a dask.distributed Client or a dask get function, got "
+        f"{type(scheduler).__name__}: {scheduler!r}"
     )
 
 
 class _progress_bar:
     """dask's progress bar for local schedulers, in a terminal, on runs longer than a second."""
 
-    def __init__(self, progress: bool | None, get: Any) -> None:
+    def __init__(self, progress: bool | None, scheduler: Scheduler) -> None:
         wanted = sys.stderr.isatty() if progress is None else progress
         self._bar = None
-        if wanted and isinstance(get, str):
+        if wanted and scheduler.local:
             from dask.diagnostics.progress import ProgressBar
 
             self._bar = ProgressBar(minimum=1.0, out=sys.stderr)

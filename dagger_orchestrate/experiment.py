@@ -3,72 +3,36 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blake3 import blake3
 
 import dagger_store as ds
-from dagger_orchestrate.execute import (
-    CallSpec,
-    Done,
-    Failed,
-    Returned,
-    Skipped,
-    StoreRef,
-    Waited,
-    execute,
-)
-from dagger_orchestrate.folder import absolute, open_folder
-from dagger_orchestrate.function import Function
+from dagger_orchestrate.codecs import plain_or_repr
+from dagger_orchestrate.definition import Definition, FunctionCall, StatePromise
+from dagger_orchestrate.execute import CallSpec, Done, Failed, Returned, Skipped, Waited, execute
+from dagger_orchestrate.folder import absolute, is_url, open_folder
 from dagger_orchestrate.graph import Graph
 from dagger_orchestrate.inflight import LeaseTerms
-from dagger_orchestrate.plan import NodeSpec, child_spec, resolve, root_spec
-from dagger_orchestrate.recipe import Recipe, source_hash
-from dagger_orchestrate.serialize import plain_or_repr
-from dagger_orchestrate.state import ExperimentState, class_path
+from dagger_orchestrate.plan import resolve
+from dagger_orchestrate.state import ExperimentState
+from dagger_orchestrate.storeref import StoreRef
+from dagger_orchestrate.usercode import class_path, source_hash
+from dagger_store.host import host
 from dagger_store.records import add_record
+
+if TYPE_CHECKING:
+    from dagger_orchestrate.plan import NodeSpec
 
 
 class StaleCodeWarning(UserWarning):
     """A cached result was computed by a recipe whose source has changed since."""
-
-
-class StatePromise:
-    """A node of the tree, defined but not (necessarily) computed. Knows its key already."""
-
-    __slots__ = ("experiment", "node")
-
-    def __init__(self, experiment: Experiment, node: NodeSpec) -> None:
-        self.experiment = experiment
-        self.node = node
-
-    @property
-    def key(self) -> ds.NodeKey:
-        return self.node.key
-
-    @property
-    def tags(self) -> tuple[str, ...]:
-        return tuple(sorted(self.experiment._tags[self.node.key]))
-
-    def __repr__(self) -> str:
-        return f"<StatePromise {self.node.label} {self.key.hex[:12]}>"
-
-
-@dataclass
-class FunctionCall:
-    """A Function applied to a promise; ``result`` holds the value from the latest run()."""
-
-    function: Function
-    promise: StatePromise
-    tags: tuple[str, ...]
-    result: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,19 +126,17 @@ class Experiment:
         options = dict(storage_options or {})
         folder = open_folder(self.path, options, store=store, name=name, create=_create)
         self.name = folder.name
-        remote = folder.store.startswith("s3://")
+        # Options are for URLs (s3://, a plugin's scheme); a local path takes none.
+        store_options = options if is_url(folder.store) else {}
         self._ref = StoreRef(
             folder.store,
-            tuple(sorted(options.items())) if remote else (),
-            _cache_dir(folder.store, cache_dir) if remote else None,
+            tuple(sorted(store_options.items())),
+            _cache_dir(folder.store, cache_dir),
             trust,
         )
         # Opened anew, so a store deleted since this process last used it is recreated.
         self.store = self._ref.open(fresh=True)
-        self._nodes: dict[ds.NodeKey, NodeSpec] = {}
-        self._tags: dict[ds.NodeKey, set[str]] = {}
-        self._calls: list[FunctionCall] = []
-        self._tag_stack: list[str] = []
+        self._definition = Definition(repr(self))
         self._graph: Graph | None = None
 
     def __repr__(self) -> str:
@@ -186,39 +148,19 @@ class Experiment:
         """The root of a new tree; ``arguments`` cover PROPERTIES and go to initialize_state."""
         if self.state_class is None:
             raise TypeError("this Experiment has no state_class: pass one to Experiment(...)")
-        return self._define(root_spec(self.state_class, arguments))
+        return self._definition.spawn(self.state_class, arguments)
 
-    @contextmanager
-    def tag(self, *tags: str) -> Iterator[None]:
+    def tag(self, *tags: str) -> AbstractContextManager[None]:
         """Tag every node and Function call defined inside the block; blocks nest."""
-        for tag in tags:
-            if not isinstance(tag, str) or not tag:
-                raise TypeError(f"tags are non-empty str, got {tag!r}")
-        depth = len(self._tag_stack)
-        self._tag_stack.extend(tags)
-        try:
-            yield
-        finally:
-            del self._tag_stack[depth:]
+        return self._definition.tag(*tags)
 
-    def _define(self, node: NodeSpec) -> StatePromise:
-        self._nodes.setdefault(node.key, node)
-        self._tags.setdefault(node.key, set()).update(self._tag_stack)
-        return StatePromise(self, node)
+    @property
+    def _nodes(self) -> dict[ds.NodeKey, NodeSpec]:
+        return self._definition.nodes
 
-    def _add_recipe(self, recipe: Recipe, parent: StatePromise) -> StatePromise:
-        self._check_own(parent)
-        return self._define(child_spec(recipe, parent.node))
-
-    def _add_function(self, function: Function, promise: StatePromise) -> FunctionCall:
-        self._check_own(promise)
-        call = FunctionCall(function, promise, tuple(self._tag_stack))
-        self._calls.append(call)
-        return call
-
-    def _check_own(self, promise: StatePromise) -> None:
-        if promise.experiment is not self:
-            raise ValueError(f"{promise!r} belongs to another Experiment ({promise.experiment})")
+    @property
+    def _calls(self) -> list[FunctionCall]:
+        return self._definition.calls
 
     # -- running -------------------------------------------------------------------------------
 
@@ -252,17 +194,18 @@ class Experiment:
         self._record_definition()
         plan = resolve(nodes, self.store)
         self._warn_stale(plan.cached)
-        tags = {key: tuple(sorted(t)) for key, t in self._tags.items()}
+        tags = self._definition.all_tags()
         calls = [
-            CallSpec(i, c.function, c.promise.node, tuple(sorted(tags[c.promise.key])))
+            CallSpec(i, c.function, c.promise.node, tags[c.promise.key])
             for i, c in enumerate(self._calls)
         ]
-        terms = LeaseTerms(f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}",
+        terms = LeaseTerms(f"{host()}:{os.getpid()}:{uuid.uuid4().hex}",
                            lease_seconds, wait_timeout)  # fmt: skip
         outcomes, returned = execute(plan, calls, self._ref, tags, terms, scheduler, progress)
         failed = [o for o in outcomes.values() if isinstance(o, Failed)]
         failures = [
-            _describe_failure("", StatePromise(self, self._nodes[o.key]), o) for o in failed
+            _describe_failure("", StatePromise(self._definition, self._nodes[o.key]), o)
+            for o in failed
         ]
         results = []
         for call, returned_or_not in zip(self._calls, returned, strict=True):
@@ -324,7 +267,7 @@ class Experiment:
                 "properties": plain_or_repr(
                     n.recipe.properties if n.recipe is not None else dict(n.arguments)
                 ),
-                "tags": sorted(self._tags[n.key]),
+                "tags": list(self._definition.tags_of(n.key)),
             }
             for n in self._nodes.values()
         ]

@@ -20,9 +20,8 @@ from typing import Any
 from blake3 import blake3
 
 import dagger_store as ds
-from dagger_store.backends.base import Backend
-from dagger_store.open import open_backend
-from dagger_store.records import check_name
+from dagger_store.backends.base import Backend, SupportsCreate
+from dagger_store.layout import check_name
 
 MARKER = "dagger-experiment"
 FORMAT = "dagger-experiment"
@@ -53,7 +52,7 @@ def open_folder(
     variable, else ``<path>/store``, and keeps it; an explicit ``store`` overrides it later
     (a store that moved). A folder holding anything else is refused.
     """
-    backend = open_backend(path, storage_options if "://" in path else {})
+    backend = ds.open_backend(path, storage_options if is_url(path) else {})
     marker = _read(backend)
     if marker is None:
         if not create:
@@ -67,6 +66,8 @@ def open_folder(
                 "use a new or empty folder",
                 url=backend.url,
             )
+        if isinstance(backend, SupportsCreate):
+            backend.create()
         store_url = absolute(store or os.environ.get(STORE_ENV) or f"{path.rstrip('/')}/store")
         document = {
             "format": FORMAT,
@@ -100,7 +101,12 @@ def absolute(path: str | os.PathLike[str]) -> str:
     working directory: the 2020 implementation's processes scheduler broke exactly so.
     """
     text = os.fspath(path)
-    return text if "://" in text else os.path.abspath(text)
+    return text if is_url(text) else os.path.abspath(text)
+
+
+def is_url(location: str) -> bool:
+    """Whether ``location`` is a URL (``scheme://...``) rather than a local path."""
+    return "://" in location
 
 
 def _read(backend: Backend) -> dict[str, Any] | None:

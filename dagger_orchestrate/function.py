@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from dagger_orchestrate.experiment import FunctionCall, StatePromise
+from dagger_orchestrate.definition import FunctionCall, StatePromise
 
 
 class Function:
@@ -28,13 +27,11 @@ class Function:
         return getattr(self.fn, "__qualname__", repr(self.fn))
 
     def __call__(self, state: StatePromise) -> FunctionCall:
-        from dagger_orchestrate.experiment import StatePromise
-
         if not isinstance(state, StatePromise):
             raise TypeError(
                 f"{self.name} is applied to a state promise, got {type(state).__name__}"
             )
-        return state.experiment._add_function(self, state)
+        return state.definition.add_call(self, state)
 
     def __repr__(self) -> str:
         return f"Function({self.name})"

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
 import dagger_store as ds
+from dagger_orchestrate.persist import load_state
 from dagger_orchestrate.state import ExperimentState
 from dagger_store.records import read_records
 
@@ -51,8 +52,6 @@ class GraphNode:
 
     def restore(self) -> ExperimentState:
         """Load this node's full state from the store (a fresh copy each call)."""
-        from dagger_orchestrate.execute import load_state
-
         return load_state(
             self.graph.store, self.key, self.graph.state_class, tuple(sorted(self.tags))
         )

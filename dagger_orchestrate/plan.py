@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagger_store as ds
-from dagger_orchestrate.recipe import Recipe
-from dagger_orchestrate.state import ExperimentState, class_path
+from dagger_orchestrate.usercode import class_path
+
+if TYPE_CHECKING:
+    from dagger_orchestrate.recipe import Recipe
+    from dagger_orchestrate.state import ExperimentState
 
 
 @dataclass(frozen=True, slots=True)

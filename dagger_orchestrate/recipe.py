@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import dagger_store as ds
+from dagger_orchestrate.definition import StatePromise
 
 if TYPE_CHECKING:
-    from dagger_orchestrate.experiment import StatePromise
     from dagger_orchestrate.state import ExperimentState
 
 
@@ -50,32 +48,13 @@ class Recipe:
         raise NotImplementedError(f"{type(self).__name__} must implement run(state) -> state")
 
     def __call__(self, state: StatePromise) -> StatePromise:
-        from dagger_orchestrate.experiment import StatePromise
-
         if not isinstance(state, StatePromise):
             raise TypeError(
                 f"{type(self).__name__}(...) is applied to a state promise (from "
                 f"spawn_new_tree or another recipe), got {type(state).__name__}"
             )
-        return state.experiment._add_recipe(self, state)
+        return state.definition.add_recipe(self, state)
 
     def __repr__(self) -> str:
         props = ", ".join(f"{k}={v!r}" for k, v in self.properties.items())
         return f"{type(self).__name__}({props})"
-
-
-def source_hash(cls: type) -> str:
-    """A hash of the class's source, to warn when cached results came from other code.
-
-    Cached per class: ``inspect.getsource`` parses the whole module (10-25 ms) on every call.
-    """
-    if cls not in _source_hashes:
-        try:
-            text = inspect.getsource(cls)
-        except (OSError, TypeError):
-            text = ""
-        _source_hashes[cls] = hashlib.sha256(text.encode()).hexdigest()[:16] if text else ""
-    return _source_hashes[cls]
-
-
-_source_hashes: dict[type, str] = {}

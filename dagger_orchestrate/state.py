@@ -40,8 +40,3 @@ class ExperimentState:
     def __repr__(self) -> str:
         props = ", ".join(f"{p}={getattr(self, p, '?')!r}" for p in self.PROPERTIES)
         return f"{type(self).__name__}({props})"
-
-
-def class_path(cls: type) -> str:
-    """``module.QualName``: how a class is named in keys and manifests."""
-    return f"{cls.__module__}.{cls.__qualname__}"

@@ -9,6 +9,9 @@ Usable on its own::
     store.get_into(digest, np.empty_like(weights))    # verified on read
     key = ds.node_key("state", {"dataset": "mnist", "seed": 0})
     store.commit(key, ds.Manifest({"weights": digest}, {"description": "init"}))
+
+Other storage plugs in by URL scheme: ``ds.register_backend("labfs", opener)``, or a package's
+entry point in the group ``dagger_store.backends`` (see ``dagger_store.registry``).
 """
 
 from dagger_store.digest import LEAF_SIZE, Digest
@@ -19,6 +22,7 @@ from dagger_store.errors import (
     IntegrityError,
     InvalidKeyError,
     NotFoundError,
+    PinExistsError,
     StoreError,
     StoreOpenError,
     UnencodableValueError,
@@ -27,6 +31,7 @@ from dagger_store.errors import (
 from dagger_store.keys import KEY_SCHEMA, NodeKey, canonical_encode, node_key
 from dagger_store.manifest import Manifest
 from dagger_store.open import open_store
+from dagger_store.registry import open_backend, register_backend
 from dagger_store.signing import LabKey
 from dagger_store.store import Commit, Store, VerifyReport
 
@@ -44,6 +49,7 @@ __all__ = [
     "Manifest",
     "NodeKey",
     "NotFoundError",
+    "PinExistsError",
     "Store",
     "StoreError",
     "StoreOpenError",
@@ -52,5 +58,7 @@ __all__ = [
     "VerifyReport",
     "canonical_encode",
     "node_key",
+    "open_backend",
     "open_store",
+    "register_backend",
 ]

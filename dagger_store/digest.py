@@ -23,7 +23,8 @@ from dagger_store.errors import InvalidKeyError
 ALGORITHM = "blake3"
 LEAF_SIZE = 8 * 2**20
 _TREE_DOMAIN = b"dagger.blob-tree.v1\x00"
-_HEX = re.compile(r"[0-9a-f]{64}")
+# 64 lowercase hex digits: a BLAKE3 hash as text, in digests and in node keys alike.
+HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +40,7 @@ class Digest:
             raise InvalidKeyError(
                 f"unsupported digest algorithm {self.algorithm!r}: only {ALGORITHM!r} is known"
             )
-        if not isinstance(self.hex, str) or not _HEX.fullmatch(self.hex):
+        if not isinstance(self.hex, str) or not HEX.fullmatch(self.hex):
             raise InvalidKeyError(f"not a {ALGORITHM} hex digest (64 lowercase hex): {self.hex!r}")
         if type(self.size) is not int or self.size < 0:
             raise InvalidKeyError(f"digest size must be a non-negative int, got {self.size!r}")

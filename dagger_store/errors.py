@@ -10,6 +10,7 @@
     ├── UnencodableValueError(TypeError)    a value with no deterministic encoding for a node key
     ├── FormatError(ValueError)             an object written in a format this version cannot read
     ├── StoreOpenError                      a URL that cannot be opened as a store
+    ├── PinExistsError(FileExistsError)     a pin of that name exists already (pins.py)
     ├── UntrustedError(PermissionError)     data that would run code (a pickle) from a store not
     │                                       trusted, or a manifest whose signature is missing/wrong
     └── BackendError(OSError)               the storage itself failed (permissions, network, disk)
@@ -77,6 +78,14 @@ class StoreOpenError(StoreError):
     def __init__(self, message: str, *, url: str) -> None:
         super().__init__(message)
         self.url = url
+
+
+class PinExistsError(StoreError, FileExistsError):
+    """A pin of that name exists already; pins are written once (unpin it first)."""
+
+    def __init__(self, message: str, *, name: str) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class UntrustedError(StoreError, PermissionError):

@@ -54,7 +54,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from dagger_store import codecs
+from dagger_store import framing
 from dagger_store.backends.base import (
     Entry,
     SupportsDelete,
@@ -62,14 +62,24 @@ from dagger_store.backends.base import (
     SupportsReadInto,
     SupportsScratch,
 )
-from dagger_store.codecs import HEADER_SIZE, Codec
 from dagger_store.digest import Digest
-from dagger_store.errors import InvalidKeyError, NotFoundError, StoreError
+from dagger_store.errors import NotFoundError, StoreError
+from dagger_store.framing import HEADER_SIZE, Framing
 from dagger_store.keys import NodeKey
+from dagger_store.layout import (
+    BLOBS,
+    MANIFESTS,
+    blob_hex,
+    blob_key_of_hex,
+    experiment_prefix,
+    manifest_node,
+)
+from dagger_store.leases import live_keys
 from dagger_store.manifest import Manifest
 from dagger_store.pins import pins
-from dagger_store.records import EXPERIMENTS, check_name, referenced_keys
-from dagger_store.store import BLOBS, MANIFESTS, Store
+from dagger_store.records import referenced_keys
+from dagger_store.store import Store
+from dagger_store.units import format_bytes
 
 DAY = 24 * 3600.0
 # Temp files are removed only once older than the grace period and this (seconds).
@@ -128,11 +138,11 @@ class GcReport:
         verb = "would delete" if self.dry_run else "deleted"
         text = (
             f"{'dry run, nothing deleted: ' if self.dry_run else ''}{verb} "
-            f"{len(self.manifests)} manifests ({_size(self.manifest_bytes)}), "
-            f"{len(self.blobs)} blob objects ({_size(self.blob_bytes)})"
+            f"{len(self.manifests)} manifests ({format_bytes(self.manifest_bytes)}), "
+            f"{len(self.blobs)} blob objects ({format_bytes(self.blob_bytes)})"
         )
         if self.temp_files:
-            text += f", {len(self.temp_files)} stale temp files ({_size(self.temp_bytes)})"
+            text += f", {len(self.temp_files)} stale temp files ({format_bytes(self.temp_bytes)})"
         text += (
             f"; kept {_counted(self.kept_manifests, 'manifests')} and "
             f"{_counted(self.kept_blobs, 'blob objects')}; {self.seconds:.2f} s"
@@ -183,7 +193,7 @@ def collect(
     roots = _roots(store, now)
     doomed: list[tuple[NodeKey, Entry]] = []
     for entry in listed:
-        key = _node_key(entry.key)
+        key = manifest_node(entry.key)
         if key is None:
             kept_manifests[UNRECOGNISED] += 1
         elif key in roots:
@@ -210,10 +220,10 @@ def collect(
     else:  # listed again: a manifest committed meanwhile protects what it names too
         remaining = [e.key for e in backend.iter_entries(MANIFESTS)]
         kept_manifests[CHANGED] += len(set(remaining) - {e.key for e in listed})
-    remaining = [k for k in remaining if _node_key(k) is not None]
+    remaining = [k for k in remaining if manifest_node(k) is not None]
     marked: set[str] = set()
     chunked: dict[str, Digest] = {}
-    for found in store._map(lambda k: _named_blobs(store, k), remaining):
+    for found in store.map(lambda k: _named_blobs(store, k), remaining):
         if isinstance(found, str):
             problems.append(found)
             continue
@@ -228,7 +238,7 @@ def collect(
     young_indexes = [
         hex_
         for entry in blobs
-        if (hex_ := _blob_hex(entry.key)) is not None
+        if (hex_ := blob_hex(entry.key)) is not None
         and hex_ not in marked
         and entry.modified >= blob_cutoff
         and _may_be_index(entry.size)
@@ -237,7 +247,7 @@ def collect(
     problems.extend(_mark_leaves(store, young_indexes, young_leaves, only_indexes=True))
     candidates: list[Entry] = []
     for entry in blobs:
-        hex_ = _blob_hex(entry.key)
+        hex_ = blob_hex(entry.key)
         if hex_ is None:
             kept_blobs[UNRECOGNISED] += 1
         elif hex_ in marked:
@@ -294,14 +304,14 @@ def delete_experiment(store: Store, name: str) -> int:
     backend = store.backend
     if not isinstance(backend, SupportsDelete):
         raise TypeError(f"{store.url} cannot delete objects, so experiments cannot be deleted")
-    prefix = f"{EXPERIMENTS}{check_name(name)}/"
+    prefix = experiment_prefix(name)
     keys = list(backend.iter_keys(prefix))
     if not keys:
         raise NotFoundError(
             f"no experiment {name!r} in {store.url}: see dagger_store.records.experiments()",
             key=prefix,
         )
-    return sum(store._map(backend.delete, keys))
+    return sum(store.map(backend.delete, keys))
 
 
 # -- marking -------------------------------------------------------------------------------------
@@ -319,13 +329,7 @@ def _roots(store: Store, now: float) -> dict[NodeKey, str]:
 
 
 def _read_roots(store: Store, now: float) -> dict[NodeKey, str]:
-    try:
-        from dagger_store.leases import live_keys
-    except ImportError:  # no leases in this version: nothing is leased
-        leased: set[NodeKey] = set()
-    else:
-        leased = live_keys(store, now)
-    roots = dict.fromkeys(leased, LEASED)
+    roots = dict.fromkeys(live_keys(store, now), LEASED)
     roots.update((key, PINNED) for keys in pins(store).values() for key in keys)
     roots.update(dict.fromkeys(referenced_keys(store), REFERENCED))
     return roots
@@ -356,7 +360,7 @@ def _mark_leaves(
     """
     hexes = list(hexes)
     problems: list[str] = []
-    found = store._map(lambda h: _leaves(store, h, only_indexes), hexes)
+    found = store.map(lambda h: _leaves(store, h, only_indexes), hexes)
     for hex_, leaves in zip(hexes, found, strict=True):
         if isinstance(leaves, str):
             problems.append(f"blob {hex_}: {leaves}")
@@ -366,21 +370,21 @@ def _mark_leaves(
 
 
 def _leaves(store: Store, hex_: str, only_indexes: bool) -> list[Digest] | str:
-    key = f"{BLOBS}{hex_[:2]}/{hex_}"  # as store._blob_key names a digest's object
+    key = blob_key_of_hex(hex_)
     backend = store.backend
     try:
         if only_indexes and isinstance(backend, SupportsReadInto):
             head = bytearray(HEADER_SIZE)
             backend.read_into(key, 0, memoryview(head))
-            if codecs.read_header(head, key) is not Codec.INDEX:
+            if framing.read_header(head, key) is not Framing.INDEX:
                 return []
         data = backend.read(key)
-        if codecs.read_header(data, key) is not Codec.INDEX:
+        if framing.read_header(data, key) is not Framing.INDEX:
             if only_indexes:
                 return []
             return "should be a chunked blob's index but is not, so its leaves are unknown"
         payload = memoryview(data)[HEADER_SIZE:]
-        return codecs.index_leaves(payload, codecs.decode_index(payload, hex_, key))
+        return framing.index_leaves(payload, framing.decode_index(payload, hex_, key))
     except NotFoundError:
         return []  # gone: its leaves are no longer its to keep
     except StoreError as exc:
@@ -398,34 +402,11 @@ def _delete(store: Store, entries: list[Entry], cutoff: float) -> list[bool]:
     def delete(entry: Entry) -> bool:
         return backend.delete(entry.key, modified_before=cutoff)
 
-    return store._map(delete, entries)
-
-
-def _node_key(path: str) -> NodeKey | None:
-    try:
-        return NodeKey(path.rsplit("/", 1)[1])
-    except InvalidKeyError:
-        return None
-
-
-def _blob_hex(path: str) -> str | None:
-    key = _node_key(path)  # blob names are 64 lowercase hex too
-    return None if key is None else key.hex
+    return store.map(delete, entries)
 
 
 def _may_be_index(size: int) -> bool:
     return size >= _MIN_INDEX and (size - _INDEX_BASE) % 32 == 0
-
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n:,} B"
-    scaled = float(n)
-    for unit in ("KiB", "MiB", "GiB"):
-        scaled /= 1024
-        if scaled < 1024 or unit == "GiB":
-            break
-    return f"{scaled:,.1f} {unit}"
 
 
 def _counted(reasons: Mapping[str, int], what: str) -> str:

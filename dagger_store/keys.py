@@ -17,7 +17,6 @@ Changing anything here changes keys: bump ``KEY_SCHEMA`` and the golden vectors 
 from __future__ import annotations
 
 import math
-import re
 import struct
 import sys
 from collections.abc import Mapping
@@ -26,12 +25,11 @@ from typing import Any
 
 from blake3 import blake3
 
-from dagger_store.digest import Digest
+from dagger_store.digest import HEX, Digest
 from dagger_store.errors import InvalidKeyError, UnencodableValueError
 
 KEY_SCHEMA = 1
 _PREFIX = b"dagger.node-key\x00" + KEY_SCHEMA.to_bytes(2, "big")
-_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -41,7 +39,7 @@ class NodeKey:
     hex: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.hex, str) or not _HEX.fullmatch(self.hex):
+        if not isinstance(self.hex, str) or not HEX.fullmatch(self.hex):
             raise InvalidKeyError(f"not a node key (64 lowercase hex): {self.hex!r}")
 
     def __str__(self) -> str:

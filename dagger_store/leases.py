@@ -17,19 +17,17 @@ clocks (NTP); a skew smaller than the lease time only delays a takeover.
 
 from __future__ import annotations
 
-import getpass
 import os
-import socket
 import time
 from dataclasses import dataclass
 
 import msgpack
 
 from dagger_store.errors import NotFoundError, StoreError
+from dagger_store.host import host, user
 from dagger_store.keys import NodeKey
-from dagger_store.store import LAYOUT, Store
-
-LEASES = f"{LAYOUT}/leases/"
+from dagger_store.layout import LEASES, lease_generation, lease_key, lease_prefix, leased_node
+from dagger_store.store import Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +47,10 @@ class Lease:
 
 def current(store: Store, key: NodeKey) -> Lease | None:
     """The latest generation of the lease on ``key``, live or not; None if never leased."""
-    folder = f"{LEASES}{key.hex}/"
-    generations = sorted(int(k[len(folder) :]) for k in store.backend.iter_keys(folder))
+    generations = sorted(lease_generation(k) for k in store.backend.iter_keys(lease_prefix(key)))
     for generation in reversed(generations):
         try:
-            return _decode(key, generation, store.backend.read(f"{folder}{generation:012d}"))
+            return _decode(key, generation, store.backend.read(lease_key(key, generation)))
         except NotFoundError:  # released and removed meanwhile: look at the one before
             continue
     return None
@@ -84,9 +81,8 @@ def release(store: Store, lease: Lease) -> None:
             _write(store, lease.key, lease.owner, 0.0, lease.generation + 1)
             return
         # Remove our part of the chain; a newer generation is a new holder's: keep it.
-        folder = f"{LEASES}{lease.key.hex}/"
-        for old in list(store.backend.iter_keys(folder)):
-            if int(old[len(folder) :]) <= lease.generation:
+        for old in list(store.backend.iter_keys(lease_prefix(lease.key))):
+            if lease_generation(old) <= lease.generation:
                 delete(old)
     except StoreError:
         pass  # advice only: an expiry frees it anyway
@@ -95,36 +91,29 @@ def release(store: Store, lease: Lease) -> None:
 def live_keys(store: Store, now: float | None = None) -> set[NodeKey]:
     """Every node key with a live lease (roots that garbage collection must keep)."""
     now = time.time() if now is None else now
-    folders = {k[len(LEASES) :].split("/", 1)[0] for k in store.backend.iter_keys(LEASES)}
     found = set()
-    for hex_ in folders:
-        lease = current(store, NodeKey(hex_))
+    for node in {leased_node(k) for k in store.backend.iter_keys(LEASES)}:
+        lease = current(store, node)
         if lease is not None and lease.live(now):
             found.add(lease.key)
     return found
 
 
 def _write(store: Store, key: NodeKey, owner: str, seconds: float, generation: int) -> Lease | None:
-    lease = Lease(key, owner, generation, time.time() + seconds, socket.gethostname(), os.getpid())
+    lease = Lease(key, owner, generation, time.time() + seconds, host(), os.getpid())
     document = {
         "owner": owner,
         "expires": lease.expires,
         "host": lease.host,
         "pid": lease.pid,
-        "user": _user(),
+        "user": user(),
     }
-    path = f"{LEASES}{key.hex}/{generation:012d}"
-    created = store.backend.write_once(path, msgpack.packb(document, use_bin_type=True))
+    created = store.backend.write_once(
+        lease_key(key, generation), msgpack.packb(document, use_bin_type=True)
+    )
     return lease if created else None
 
 
 def _decode(key: NodeKey, generation: int, data: bytes) -> Lease:
     doc = msgpack.unpackb(data, raw=False)
     return Lease(key, doc["owner"], generation, doc["expires"], doc["host"], doc["pid"])
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:
-        return ""

@@ -32,6 +32,7 @@ from blake3 import blake3
 
 from dagger_store.digest import Digest
 from dagger_store.errors import FormatError, IntegrityError, InvalidKeyError
+from dagger_store.plain import MAX_INT, MIN_INT
 
 MAGIC = b"DAGM"
 FORMAT_VERSION = 1
@@ -39,8 +40,6 @@ SIGNED = 0x01  # flags bit 0
 SIGNATURE_SIZE = 32
 _HEADER = 8
 _CHECKSUM = 32
-_MAX_INT = 2**64 - 1
-_MIN_INT = -(2**63)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +166,7 @@ def _plain(value: Any, path: str) -> Any:
     if value is None or kind in (bool, float, str, bytes):
         return value
     if kind is int:
-        if not _MIN_INT <= value <= _MAX_INT:
+        if not MIN_INT <= value <= MAX_INT:
             raise TypeError(f"{path} = {value} does not fit in 64 bits; store it as a str")
         return value
     if kind in (list, tuple):

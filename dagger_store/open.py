@@ -1,8 +1,13 @@
 """open_store(url): from a URL to a Store, with every configuration error raised here, at once.
 
-A store's root holds a marker object, ``dagger-store``, naming the layout version; a new store
-is created by writing it (which also proves the location is writable). A location that holds
-other things but no marker is refused, so a typo'd path never scatters objects into a home folder.
+A store's root holds a marker object (``layout.MARKER``) naming the layout version. A new store
+is created by making its location where that must be made (``SupportsCreate``: a local folder),
+then writing the marker (which also proves the location is writable); nothing is created before
+that moment, nor ever with ``create=False``. A location that holds other things but no marker is
+refused, so a typo'd path never scatters objects into a home folder.
+
+Which backend a URL opens is the registry's business (``registry.py``); what kind of backend it
+is (remote or not, trusted by its location or not) is the backend's own answer.
 """
 
 from __future__ import annotations
@@ -10,24 +15,22 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
-from dagger_store.backends.base import Backend
+from dagger_store.backends.base import Backend, SupportsCreate
 from dagger_store.backends.cached import CachedBackend
 from dagger_store.backends.local import LocalBackend
-from dagger_store.backends.memory import MemoryBackend
 from dagger_store.errors import NotFoundError, StoreError, StoreOpenError
+from dagger_store.layout import MARKER, MARKER_TEXT
+from dagger_store.registry import open_backend
 from dagger_store.signing import LabKey
 from dagger_store.store import Store
 
-MARKER = "dagger-store"
-MARKER_TEXT = b"dagger-store\nlayout: v1\n"
-SCHEMES = ("file", "memory", "s3")
+REMOTE_WORKERS = 16  # remote round trips, not cores, bound a remote store
 
 
 def open_store(
-    url: str | os.PathLike[str],
+    url: str | os.PathLike[str] | Backend,
     *,
     storage_options: Mapping[str, Any] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -44,13 +47,18 @@ def open_store(
     ----------
     url
         A local path or ``file://`` URL (also how an NFS mount is used), ``memory://NAME``
-        (one per process and name), or ``s3://bucket/prefix``.
+        (one per process and name), ``s3://bucket/prefix``, a URL of a scheme a plugin
+        registered (``register_backend``), or a backend already opened (``open_backend``).
     storage_options
-        For s3:// only: passed to ``s3fs.S3FileSystem`` (``endpoint_url``, ``key``, ``secret``,
-        ``profile``, ...). Credentials otherwise come from the usual AWS environment.
+        For opening ``url`` (s3: passed to ``s3fs.S3FileSystem``: ``endpoint_url``, ``key``,
+        ``secret``, ``profile``, ...; credentials otherwise come from the usual AWS
+        environment). Not with a backend already opened.
     cache_dir
-        For remote stores: a local folder that keeps a read-through copy of what is read.
-    workers, compression_level
+        For remote stores (``backend.remote``): a local folder that keeps a read-through copy
+        of what is read; made if absent.
+    workers
+        See ``Store``; default: 16 for a remote store, else as ``Store``.
+    compression_level
         See ``Store``.
     lab_key
         The lab's key for signing manifests (HMAC-SHA256). Default: the ``DAGGER_LAB_KEY``
@@ -58,15 +66,16 @@ def open_store(
         With a key, every manifest committed is signed and every signature read is checked.
     require_signatures
         Refuse unsigned and mis-signed manifests (never hits; ``get_manifest`` raises
-        UntrustedError). Default: True for a remote (S3) store when a lab key is configured.
+        UntrustedError). Default: True for a remote store when a lab key is configured.
     trust
         Whether pickled attributes (whose loading runs code) may load from this store. Default:
-        trusted when signatures are required, for ``memory://``, and for a local folder whose
-        ``dagger-store`` marker you own; a remote store otherwise is not. ``trust=True``: you
-        trust everyone who can write there; ``trust=False``: a folder you created but share.
+        trusted when signatures are required, or when the backend is trusted by its location
+        (``memory://``, a local folder whose store marker you own); a remote store otherwise is
+        not. ``trust=True``: you trust everyone who can write there; ``trust=False``: a folder
+        you created but share.
     create
-        Make a new store if there is none at ``url``; False: StoreOpenError instead (tools that
-        inspect stores must not leave empty ones behind a typo).
+        Make a new store (and its folder) if there is none at ``url``; False: StoreOpenError
+        instead (tools that inspect stores must not leave empty ones behind a typo).
 
     Raises
     ------
@@ -74,14 +83,13 @@ def open_store(
         Anything wrong with the URL, the location, the options or the lab key; the message says
         what to do (and never contains a key or credential).
     """
-    backend = open_backend(url, storage_options or {}, create=create)
+    backend = _backend(url, storage_options)
     try:
         key = LabKey.configured(lab_key)
     except (TypeError, ValueError) as exc:
         raise StoreOpenError(f"cannot open {backend.url}: {exc}", url=backend.url) from None
-    remote = not isinstance(backend, LocalBackend | MemoryBackend)
     if require_signatures is None:
-        require_signatures = key is not None and remote
+        require_signatures = key is not None and backend.remote
     if require_signatures and key is None:
         raise StoreOpenError(
             f"require_signatures=True for {backend.url} needs the lab key to check signatures "
@@ -89,15 +97,17 @@ def open_store(
             "holding it)",
             url=backend.url,
         )
+    if cache_dir is not None and not backend.remote:
+        raise StoreOpenError(
+            f"cache_dir is for remote stores; {backend.url} is already local", url=backend.url
+        )
     _check_marker(backend, create)
     if cache_dir is not None:
-        if isinstance(backend, LocalBackend | MemoryBackend):
-            raise StoreOpenError(
-                f"cache_dir is for remote stores; {backend.url} is already local", url=backend.url
-            )
-        backend = CachedBackend(backend, _local_backend(Path(cache_dir), str(cache_dir)))
-    if workers is None and not isinstance(backend, LocalBackend | MemoryBackend):
-        workers = 16  # remote round trips, not cores, bound a remote store
+        cache = LocalBackend(cache_dir)
+        cache.create()
+        backend = CachedBackend(backend, cache)
+    if workers is None and backend.remote:
+        workers = REMOTE_WORKERS
     return Store(
         backend,
         workers=workers,
@@ -108,44 +118,23 @@ def open_store(
     )
 
 
-def open_backend(
-    url: str | os.PathLike[str], storage_options: Mapping[str, Any], *, create: bool = True
+def _backend(
+    url: str | os.PathLike[str] | Backend, storage_options: Mapping[str, Any] | None
 ) -> Backend:
-    """The bare backend at ``url`` (no store marker): for records kept beside a store."""
-    text = os.fspath(url)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        scheme, rest = "file", text
-    if storage_options and scheme != "s3":
-        raise StoreOpenError(f"storage_options apply to s3:// stores only, not {text!r}", url=text)
-    if scheme == "file":
-        if not create and not Path(rest).is_dir():
-            raise StoreOpenError(f"no store at {text!r}: no such folder", url=text)
-        return _local_backend(Path(rest), text)
-    if scheme == "memory":
-        return MemoryBackend.named(rest.strip("/"))
-    if scheme == "s3":
-        from dagger_store.backends.s3 import open_s3_backend  # s3fs is slow to import
-
-        return open_s3_backend(text, storage_options)
-    raise StoreOpenError(
-        f"unknown scheme {scheme!r} in {text!r}: a store opens a local path, file://, "
-        "memory:// or s3://bucket/prefix",
-        url=text,
-    )
-
-
-def _local_backend(path: Path, url: str) -> LocalBackend:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise StoreOpenError(f"{url!r} exists and is not a folder", url=url) from None
-    except OSError as exc:
+    if isinstance(url, str | os.PathLike):
+        return open_backend(url, storage_options)
+    if not isinstance(url, Backend):
+        raise TypeError(
+            "open_store takes a URL, a path or a Backend (from open_backend), got "
+            f"{type(url).__name__}: {url!r}"
+        )
+    if storage_options:
         raise StoreOpenError(
-            f"cannot create the store folder {url!r}: {exc.strerror}; pick a path you can write",
-            url=url,
-        ) from exc
-    return LocalBackend(path)
+            f"storage_options are for opening a URL; {url.url} is a backend already opened "
+            "(pass them to open_backend instead)",
+            url=url.url,
+        )
+    return url
 
 
 def _check_marker(backend: Backend, create: bool) -> None:
@@ -154,7 +143,7 @@ def _check_marker(backend: Backend, create: bool) -> None:
     except NotFoundError:
         if not create:
             raise StoreOpenError(
-                f"no dagger store at {backend.url} (no {MARKER!r} marker); check the URL",
+                f"no store at {backend.url} (no {MARKER!r} marker there): check the URL",
                 url=backend.url,
             ) from None
         text = _create_marker(backend)
@@ -167,6 +156,8 @@ def _check_marker(backend: Backend, create: bool) -> None:
 
 
 def _create_marker(backend: Backend) -> bytes:
+    if isinstance(backend, SupportsCreate):
+        backend.create()
     if any(key != MARKER for key in islice(backend.iter_keys(), 2)):
         # Stores write their marker before anything else, so another key means either a
         # concurrent creator got there first (its marker is now readable) or not a store.

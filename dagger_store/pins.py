@@ -11,27 +11,18 @@ ancestors (a manifest names all of a node's attributes, inherited ones included)
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 
 import msgpack
 
 from dagger_store.backends.base import SupportsDelete
-from dagger_store.errors import FormatError, InvalidKeyError, NotFoundError, StoreError
+from dagger_store.errors import FormatError, NotFoundError, PinExistsError
 from dagger_store.keys import NodeKey
-from dagger_store.store import LAYOUT, Store
+from dagger_store.layout import PINS, pin_key, pin_name
+from dagger_store.store import Store
 
-PINS = f"{LAYOUT}/pins/"
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-
-
-class PinExistsError(StoreError, FileExistsError):
-    """A pin of that name exists already; pins are written once (unpin it first)."""
-
-    def __init__(self, message: str, *, name: str) -> None:
-        super().__init__(message)
-        self.name = name
+__all__ = ["PinExistsError", "pin", "pins", "unpin"]
 
 
 def pin(store: Store, name: str, keys: Iterable[NodeKey]) -> None:
@@ -49,7 +40,7 @@ def pin(store: Store, name: str, keys: Iterable[NodeKey]) -> None:
     PinExistsError
         A pin called ``name`` exists: ``unpin`` it first to replace it.
     """
-    path = _path(name)
+    path = pin_key(name)
     keys = list(keys)
     for key in keys:
         if not isinstance(key, NodeKey):
@@ -67,7 +58,7 @@ def pin(store: Store, name: str, keys: Iterable[NodeKey]) -> None:
 
 def unpin(store: Store, name: str) -> None:
     """Remove the pin called ``name``; NotFoundError if there is none."""
-    path = _path(name)
+    path = pin_key(name)
     backend = store.backend
     if not isinstance(backend, SupportsDelete):
         raise TypeError(f"{store.url} cannot delete objects, so pins cannot be removed from it")
@@ -90,14 +81,5 @@ def pins(store: Store) -> dict[str, list[NodeKey]]:
                 f"{path!r} in {store.url} is not a pin ({exc}): delete it, or fix what wrote it",
                 key=path,
             ) from exc
-        found[path[len(PINS) :]] = keys
+        found[pin_name(path)] = keys
     return dict(sorted(found.items()))
-
-
-def _path(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidKeyError(
-            f"invalid pin name {name!r}: use up to 128 letters, digits, '.', '_' and '-', "
-            "not starting with '.' or '-'"
-        )
-    return PINS + name

@@ -7,12 +7,12 @@
 Nothing is ever read-modified-written: two collaborators adding to one experiment at the same
 time each write their own object, so nothing is lost and nothing needs a lock. An experiment is
 the union of its records, oldest first. Every record lists the node keys it refers to under
-``"keys"``: those are the roots a garbage collector must keep.
+``"keys"``: those are the roots a garbage collector must keep. Names and the experiment name
+rule (``check_name``) are ``layout.py``'s.
 """
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -20,34 +20,26 @@ from typing import Any
 
 import msgpack
 
-from dagger_store.errors import InvalidKeyError
 from dagger_store.keys import NodeKey
-from dagger_store.store import LAYOUT, Store
+from dagger_store.layout import (
+    EXPERIMENTS,
+    check_name,
+    experiment_prefix,
+    record_experiment,
+    record_key,
+    record_kind,
+)
+from dagger_store.store import Store
 
-EXPERIMENTS = f"{LAYOUT}/experiments/"
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-_KIND = re.compile(r"[a-z]{1,16}")
-
-
-def check_name(name: str) -> str:
-    """Return ``name`` if it can name an experiment, else raise InvalidKeyError."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidKeyError(
-            f"invalid experiment name {name!r}: use up to 128 letters, digits, '.', '_' and '-', "
-            "not starting with '.' or '-'"
-        )
-    return name
+__all__ = ["add_record", "check_name", "experiments", "read_records", "referenced_keys"]
 
 
 def add_record(
     store: Store, experiment: str, kind: str, keys: Iterable[NodeKey], document: dict[str, Any]
 ) -> str:
     """Append one record of ``kind`` to ``experiment``, referring to node ``keys``; its key."""
-    check_name(experiment)
-    if not _KIND.fullmatch(kind):
-        raise InvalidKeyError(f"invalid record kind {kind!r}: use 1-16 lowercase letters")
     # Nanoseconds first, so names sort oldest first (to the clock's word) across machines.
-    key = f"{EXPERIMENTS}{experiment}/{time.time_ns():020d}-{uuid.uuid4().hex}.{kind}"
+    key = record_key(experiment, kind, time.time_ns(), uuid.uuid4().hex)
     body = {**document, "keys": [k.hex for k in keys], "written": time.time()}
     store.backend.write_once(key, msgpack.packb(body, use_bin_type=True))
     return key
@@ -55,17 +47,16 @@ def add_record(
 
 def read_records(store: Store, experiment: str, kind: str | None = None) -> list[dict[str, Any]]:
     """The records of ``experiment`` (of one ``kind``, or all), oldest first."""
-    prefix = f"{EXPERIMENTS}{check_name(experiment)}/"
+    prefix = experiment_prefix(experiment)
     keys = sorted(
-        k for k in store.backend.iter_keys(prefix) if kind is None or k.endswith(f".{kind}")
+        k for k in store.backend.iter_keys(prefix) if kind is None or record_kind(k) == kind
     )
     return [msgpack.unpackb(store.backend.read(k), raw=False) for k in keys]
 
 
 def experiments(store: Store) -> list[str]:
     """The names of every experiment with records in ``store``, sorted."""
-    names = {k[len(EXPERIMENTS) :].split("/", 1)[0] for k in store.backend.iter_keys(EXPERIMENTS)}
-    return sorted(names)
+    return sorted({record_experiment(k) for k in store.backend.iter_keys(EXPERIMENTS)})
 
 
 def referenced_keys(store: Store) -> set[NodeKey]:

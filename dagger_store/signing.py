@@ -12,6 +12,9 @@ a *trusted* one:
   content digest, so every byte that reaches the unpickler was vouched for by a key holder;
 - a store opened with ``trust=True``: you trust everyone who can write there.
 
+The first two are the backend's own answer (``Backend.trusted_by_location``); the store combines
+it with its signing policy (``Store.trusted``).
+
 The signature is HMAC-SHA256 under the lab key of ``b"dagger-manifest-v1\\x00"``, the node key's
 hex, ``b"\\x00"`` and the manifest's canonical payload (``manifest.py`` documents where it sits in
 the stored frame). Binding the node key means a signed manifest copied under another node's key
@@ -28,10 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from dagger_store.backends.base import Backend
-from dagger_store.backends.cached import CachedBackend
-from dagger_store.backends.local import LocalBackend
-from dagger_store.backends.memory import MemoryBackend
 from dagger_store.errors import UntrustedError
 from dagger_store.keys import NodeKey
 from dagger_store.manifest import Frame
@@ -168,27 +167,3 @@ class Signatures:
 
 def _refuse(node: NodeKey, message: str) -> NoReturn:
     raise UntrustedError(message, key=node.hex)
-
-
-def trusted_location(backend: Backend) -> bool:
-    """Whether ``backend`` is trusted by where it is: memory, or a store folder you created."""
-    if isinstance(backend, CachedBackend):
-        return trusted_location(backend.remote)  # the cache holds what the remote handed out
-    if isinstance(backend, MemoryBackend):
-        return True
-    if isinstance(backend, LocalBackend):
-        from dagger_store.open import MARKER  # open.py imports the store, which imports us
-
-        marker = backend.root / MARKER
-        return _owned_by_me(marker if marker.exists() else backend.root)
-    return False
-
-
-def _owned_by_me(path: Path) -> bool:
-    geteuid = getattr(os, "geteuid", None)
-    if geteuid is None:  # no owners to compare (Windows): trust must be said explicitly
-        return False
-    try:
-        return bool(path.stat().st_uid == geteuid())
-    except OSError:
-        return False

@@ -1,10 +1,7 @@
 """Store: the facade over one backend. Commit protocol, batching, verification; no I/O details.
 
-Layout under the backend root::
-
-    dagger-store              format marker (see open.py)
-    v1/blobs/ab/<hex>         blob objects (codecs.py): leaves, and indexes of chunked blobs
-    v1/manifests/ab/<hex>     manifests, by node key (manifest.py)
+Where objects go under the backend root (blobs, manifests, the marker) is ``layout.py``'s
+to say; what they hold, ``framing.py``'s and ``manifest.py``'s.
 
 Invariants:
 
@@ -30,9 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from dagger_store import codecs
+from dagger_store import framing
 from dagger_store.backends.base import Backend, SupportsReadInto, refresh, write_or_refresh
-from dagger_store.codecs import HEADER_SIZE, Codec, Compressor
 from dagger_store.digest import (
     ALGORITHM,
     LEAF_SIZE,
@@ -44,17 +40,17 @@ from dagger_store.digest import (
 from dagger_store.errors import (
     IncompleteManifestError,
     IntegrityError,
+    InvalidKeyError,
     NotFoundError,
     StoreError,
     UntrustedError,
 )
+from dagger_store.framing import HEADER_SIZE, Compressor, Framing
 from dagger_store.keys import NodeKey
+from dagger_store.layout import BLOBS, MANIFESTS, blob_hex, blob_key, manifest_key, manifest_node
 from dagger_store.manifest import Frame, Manifest
-from dagger_store.signing import LabKey, Signatures, trusted_location
+from dagger_store.signing import LabKey, Signatures
 
-LAYOUT = "v1"
-BLOBS = f"{LAYOUT}/blobs/"
-MANIFESTS = f"{LAYOUT}/manifests/"
 # Below this size a conditional write is cheaper than asking first whether the blob exists.
 _ASK_FIRST_ABOVE = 256 * 1024
 # Below this size one whole read beats a header read plus a payload read.
@@ -110,7 +106,8 @@ class Store:
         ``lab_key``): they are never hits, and ``get_manifest`` raises UntrustedError.
     trusted
         Whether pickled attributes may be loaded from here (``trusted``). Default: trusted when
-        signatures are required, or for memory and for a folder whose marker you own.
+        signatures are required, or when the backend is trusted by its location
+        (``Backend.trusted_by_location``: memory, a folder whose marker you own).
     """
 
     def __init__(
@@ -130,7 +127,7 @@ class Store:
         )
         self._compressor = Compressor(compression_level)
         if trusted is None:
-            trusted = require_signatures or trusted_location(backend)
+            trusted = require_signatures or backend.trusted_by_location()
         self._trusted = trusted
 
     @property
@@ -177,9 +174,9 @@ class Store:
         leaves = leaf_views(view)
         if len(leaves) == 1:
             return self._put_leaf(view, compress)
-        digests = self._map(lambda leaf: self._put_leaf(leaf, compress), leaves)
+        digests = self.map(lambda leaf: self._put_leaf(leaf, compress), leaves)
         top = tree_digest(len(view), digests)
-        write_or_refresh(self.backend, _blob_key(top), codecs.encode_index(top.size, digests))
+        write_or_refresh(self.backend, blob_key(top), framing.encode_index(top.size, digests))
         return top
 
     def put_many(self, values: Sequence[Any]) -> list[Digest]:
@@ -188,7 +185,7 @@ class Store:
         views = [_byte_view(v) for v in values]
         small = [i for i, v in enumerate(views) if len(v) <= LEAF_SIZE]
         digests: dict[int, Digest] = dict(
-            zip(small, self._map(lambda i: self.put(views[i]), small), strict=True)
+            zip(small, self.map(lambda i: self.put(views[i]), small), strict=True)
         )
         for i, view in enumerate(views):
             if i not in digests:  # a large value parallelises over its own leaves
@@ -197,7 +194,7 @@ class Store:
 
     def _put_leaf(self, leaf: memoryview, compress: bool) -> Digest:
         digest = leaf_digest(leaf)
-        key = _blob_key(digest)
+        key = blob_key(digest)
         # Content found present is touched (refresh): it may be old and unreferenced, and the
         # touch gives it a garbage collector's grace period until our manifest names it.
         present = len(leaf) > _ASK_FIRST_ABOVE and self.backend.exists_many([key])[0]
@@ -212,8 +209,8 @@ class Store:
         _check_digest(digest)
         if not digest.is_chunked:
             data = self._read(digest)
-            codec = codecs.read_header(data, _blob_key(digest))
-            return self._decode_leaf(codec, memoryview(data)[HEADER_SIZE:], digest)
+            kind = framing.read_header(data, blob_key(digest))
+            return self._decode_leaf(kind, memoryview(data)[HEADER_SIZE:], digest)
         out = bytearray(digest.size)
         self.get_into(digest, out)
         return bytes(out)
@@ -235,7 +232,7 @@ class Store:
             return
         leaves = self._read_index(digest)
         parts = leaf_views(target)
-        self._map(lambda pair: self._read_leaf_into(*pair), list(zip(leaves, parts, strict=True)))
+        self.map(lambda pair: self._read_leaf_into(*pair), list(zip(leaves, parts, strict=True)))
 
     def has_blobs(self, digests: Sequence[Digest]) -> list[bool]:
         """Whether each blob is stored whole, in batched rounds.
@@ -245,22 +242,22 @@ class Store:
         """
         for digest in digests:
             _check_digest(digest)
-        present = self.backend.exists_many([_blob_key(d) for d in digests])
+        present = self.backend.exists_many([blob_key(d) for d in digests])
         chunked = sorted(
             {d for d, p in zip(digests, present, strict=True) if p and d.is_chunked},
             key=lambda d: d.hex,
         )
         if not chunked:
             return present
-        leaves = dict(zip(chunked, self._map(self._leaves_or_none, chunked), strict=True))
-        leaf_keys = sorted({_blob_key(leaf) for ls in leaves.values() for leaf in ls or ()})
+        leaves = dict(zip(chunked, self.map(self._leaves_or_none, chunked), strict=True))
+        leaf_keys = sorted({blob_key(leaf) for ls in leaves.values() for leaf in ls or ()})
         stored = dict(zip(leaf_keys, self.backend.exists_many(leaf_keys), strict=True))
 
         def whole(digest: Digest, indexed: bool) -> bool:
             if not indexed or not digest.is_chunked:
                 return indexed
             found = leaves[digest]
-            return found is not None and all(stored[_blob_key(leaf)] for leaf in found)
+            return found is not None and all(stored[blob_key(leaf)] for leaf in found)
 
         return [whole(d, p) for d, p in zip(digests, present, strict=True)]
 
@@ -271,27 +268,27 @@ class Store:
             return None
 
     def _read(self, digest: Digest) -> bytes:
-        key = _blob_key(digest)
+        key = blob_key(digest)
         try:
             return self.backend.read(key)
         except NotFoundError as exc:
             raise NotFoundError(f"no blob {digest} in {self.url}", key=key) from exc
 
     def _read_index(self, digest: Digest) -> list[Digest]:
-        key = _blob_key(digest)
+        key = blob_key(digest)
         data = self._read(digest)
-        if codecs.read_header(data, key) is not Codec.INDEX:
+        if framing.read_header(data, key) is not Framing.INDEX:
             raise IntegrityError(f"blob {key!r} should be a chunked index but is not", key=key)
-        stored = codecs.decode_index(memoryview(data)[HEADER_SIZE:], digest.hex, key)
+        stored = framing.decode_index(memoryview(data)[HEADER_SIZE:], digest.hex, key)
         if stored.size != digest.size:
             raise IntegrityError(
                 f"blob {key!r} holds {stored.size} bytes where its digest says {digest.size}",
                 key=key,
             )
-        return codecs.index_leaves(memoryview(data)[HEADER_SIZE:], digest)
+        return framing.index_leaves(memoryview(data)[HEADER_SIZE:], digest)
 
     def _read_leaf_into(self, digest: Digest, target: memoryview) -> None:
-        key = _blob_key(digest)
+        key = blob_key(digest)
         backend = self.backend
         if isinstance(backend, SupportsReadInto) and digest.size > _READ_INTO_ABOVE:
             head = bytearray(HEADER_SIZE)
@@ -299,29 +296,29 @@ class Store:
                 got = backend.read_into(key, 0, memoryview(head))
             except NotFoundError as exc:
                 raise NotFoundError(f"no blob {digest} in {self.url}", key=key) from exc
-            if codecs.read_header(head[:got], key) is Codec.RAW:
+            if framing.read_header(head[:got], key) is Framing.RAW:
                 # Raw leaves go straight from storage into the caller's buffer: no copy.
                 got = backend.read_into(key, HEADER_SIZE, target)
-                codecs.verify(target[:got], digest, key)
+                framing.verify(target[:got], digest, key)
                 return
         data = self._read(digest)
-        codec = codecs.read_header(data, key)
+        kind = framing.read_header(data, key)
         payload = memoryview(data)[HEADER_SIZE:]
-        if codec is Codec.ZSTD:
-            codecs.decompress_into(payload, target, key)  # no intermediate bytes
-            codecs.verify(target, digest, key)
+        if kind is Framing.ZSTD:
+            framing.decompress_into(payload, target, key)  # no intermediate bytes
+            framing.verify(target, digest, key)
         else:
-            target[:] = self._decode_leaf(codec, payload, digest)
+            target[:] = self._decode_leaf(kind, payload, digest)
 
-    def _decode_leaf(self, codec: Codec, payload: memoryview, digest: Digest) -> bytes:
-        key = _blob_key(digest)
-        if codec is Codec.ZSTD:
-            raw = codecs.decompress(payload, digest.size, key)
-        elif codec is Codec.RAW:
+    def _decode_leaf(self, kind: Framing, payload: memoryview, digest: Digest) -> bytes:
+        key = blob_key(digest)
+        if kind is Framing.ZSTD:
+            raw = framing.decompress(payload, digest.size, key)
+        elif kind is Framing.RAW:
             raw = payload.tobytes()
         else:
-            raise IntegrityError(f"blob {key!r} should be a leaf but is a {codec.name}", key=key)
-        codecs.verify(raw, digest, key)
+            raise IntegrityError(f"blob {key!r} should be a leaf but is a {kind.name}", key=key)
+        framing.verify(raw, digest, key)
         return raw
 
     # -- manifests -----------------------------------------------------------------------------
@@ -343,7 +340,7 @@ class Store:
             )
         payload = manifest.payload()
         frame = Frame(payload, self._signatures.sign(key, payload))
-        if self.backend.write_once(_manifest_key(key), frame.encode()):
+        if self.backend.write_once(manifest_key(key), frame.encode()):
             return Commit(key, manifest, won=True)
         return Commit(key, self.get_manifest(key), won=False)
 
@@ -380,9 +377,9 @@ class Store:
         keys = list(keys)
         for key in keys:
             _check_node_key(key)
-        present = self.backend.exists_many([_manifest_key(k) for k in keys])
+        present = self.backend.exists_many([manifest_key(k) for k in keys])
         found = sorted({k for k, p in zip(keys, present, strict=True) if p})
-        read = dict(zip(found, self._map(self._trusted_manifest_or_none, found), strict=True))
+        read = dict(zip(found, self.map(self._trusted_manifest_or_none, found), strict=True))
         manifests = {k: m for k, m in read.items() if m is not None}
         digests = sorted(
             {d for m in manifests.values() for d in m.blobs.values()}, key=lambda d: d.hex
@@ -392,11 +389,16 @@ class Store:
 
     def manifest_keys(self) -> Iterator[NodeKey]:
         """Every node key that has a manifest (complete or not)."""
-        for key in self.backend.iter_keys(MANIFESTS):
-            yield NodeKey(key.rsplit("/", 1)[1])
+        for path in self.backend.iter_keys(MANIFESTS):
+            key = manifest_node(path)
+            if key is None:
+                raise InvalidKeyError(
+                    f"{path!r} in {self.url} is not a manifest dagger wrote: remove it"
+                )
+            yield key
 
     def _read_manifest(self, key: NodeKey) -> Manifest:
-        path = _manifest_key(key)
+        path = manifest_key(key)
         try:
             data = self.backend.read(path)
         except NotFoundError as exc:
@@ -439,7 +441,7 @@ class Store:
             tick()
             return problem
 
-        problems = [p for p in self._map(check_blob, blob_keys) if p]
+        problems = [p for p in self.map(check_blob, blob_keys) if p]
         for key in manifest_keys:
             try:
                 self.get_manifest(key)
@@ -449,36 +451,40 @@ class Store:
         return VerifyReport(len(blob_keys), len(manifest_keys), tuple(problems))
 
     def _verify_object(self, key: str) -> str:
-        hex_ = key.rsplit("/", 1)[1]
+        hex_ = blob_hex(key)
+        if hex_ is None:
+            return f"blob {key}: not a blob name dagger writes"
         try:
             data = self.backend.read(key)
-            codec = codecs.read_header(data, key)
+            kind = framing.read_header(data, key)
             payload = memoryview(data)[HEADER_SIZE:]
-            if codec is Codec.INDEX:
-                digest = codecs.decode_index(payload, hex_, key)
-                leaves = codecs.index_leaves(payload, digest)
+            if kind is Framing.INDEX:
+                digest = framing.decode_index(payload, hex_, key)
+                leaves = framing.index_leaves(payload, digest)
                 absent = [d for d, ok in zip(leaves, self.has_blobs(leaves), strict=True) if not ok]
                 if absent:
                     return f"blob {key}: {len(absent)} of its leaves are missing"
             else:
-                raw = payload if codec is Codec.RAW else codecs.decompress(payload, LEAF_SIZE, key)
-                codecs.verify(raw, Digest(ALGORITHM, hex_, len(raw)), key)
+                raw = (
+                    payload if kind is Framing.RAW else framing.decompress(payload, LEAF_SIZE, key)
+                )
+                framing.verify(raw, Digest(ALGORITHM, hex_, len(raw)), key)
         except StoreError as exc:
             return f"blob {key}: {exc}"
         return ""
 
-    def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``[fn(item) for item in items]``, run on this store's thread pool; results in order.
+
+        For work that waits on the backend or releases the GIL (reads, deletes, hashing of many
+        objects): up to ``workers`` calls at once. An exception from ``fn`` is raised here (the
+        first, in the order of ``items``), and the calls not yet started are dropped. ``fn``
+        must not wait on another ``map`` of the same store: the pool could fill with callers
+        waiting for a free thread.
+        """
         if len(items) <= 1:
             return [fn(item) for item in items]
         return list(self._pool.map(fn, items))
-
-
-def _blob_key(digest: Digest) -> str:
-    return f"{BLOBS}{digest.hex[:2]}/{digest.hex}"
-
-
-def _manifest_key(key: NodeKey) -> str:
-    return f"{MANIFESTS}{key.hex[:2]}/{key.hex}"
 
 
 def _check_digest(digest: object) -> None:

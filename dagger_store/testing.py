@@ -14,14 +14,28 @@ collection) are tested on every backend that offers them.
 
 Never silence a test in a subclass; mark it ``xfail(strict=True, reason=...)`` if a backend
 truly cannot pass it.
+
+Also here, for tests and benchmarks alike (nothing of pytest in its way): ``moto_server``, a
+real S3 server on 127.0.0.1 (moto's, in a subprocess) that the S3 backend reaches over HTTP, and
+``fake_aws_environ``, which keeps real AWS credentials out of reach while it runs.
 """
 
 from __future__ import annotations
 
 import array
 import math
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +43,7 @@ import pytest
 from dagger_store.backends.base import (
     Backend,
     Entry,
+    SupportsCreate,
     SupportsDelete,
     SupportsEntries,
     SupportsReadInto,
@@ -56,6 +71,14 @@ class BackendContract:
     def test_is_a_backend(self, backend: Backend) -> None:
         assert isinstance(backend, Backend)
         assert isinstance(backend.url, str) and backend.url
+
+    def test_describes_itself(self, backend: Backend) -> None:
+        assert type(backend.remote) is bool
+        assert type(backend.trusted_by_location()) is bool
+        assert list(backend.iter_keys()) == []  # asking writes nothing
+        if isinstance(backend, SupportsCreate):
+            backend.create()  # the location exists already: nothing to do, nothing written
+            assert list(backend.iter_keys()) == []
 
     def test_write_once_keeps_first_value(self, backend: Backend) -> None:
         assert backend.write_once("k", b"first")
@@ -252,3 +275,128 @@ class BackendContract:
         if isinstance(backend, SupportsTouch):
             with pytest.raises(InvalidKeyError):
                 backend.touch(key)
+
+
+# -- a real S3 server on loopback ------------------------------------------------------------------
+
+# What moto accepts: no real account is ever reached with these.
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# Variables that would take botocore to a real profile, session or endpoint instead.
+REAL_AWS_VARIABLES = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+MOTO_STARTUP_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class MotoServer:
+    """A running moto S3 server: where it listens, its process id, and its log file."""
+
+    endpoint: str
+    pid: int
+    log: Path
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """``open_store``'s storage_options for this server, with the fake credentials."""
+        return {
+            "endpoint_url": self.endpoint,
+            "key": FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "secret": FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def fake_aws_environ() -> Iterator[None]:
+    """``os.environ`` with the fake credentials and without ``REAL_AWS_VARIABLES``, restored
+    on exit: clients made meanwhile can never use a real account."""
+    saved = {name: os.environ.get(name) for name in (*FAKE_CREDENTIALS, *REAL_AWS_VARIABLES)}
+    try:
+        for name in REAL_AWS_VARIABLES:
+            os.environ.pop(name, None)
+        os.environ.update(FAKE_CREDENTIALS)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def moto_server(log_dir: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[MotoServer]:
+    """Run ``moto_server`` (installed beside this Python, by ``moto[server]``) on 127.0.0.1.
+
+    It accepts any credentials (``FAKE_CREDENTIALS`` are in its environment, and nothing of
+    ``REAL_AWS_VARIABLES``) unless ``extra_env`` says otherwise (``INITIAL_NO_AUTH_ACTION_COUNT=0``
+    makes it check them: every request is then refused). It logs every request to a file in
+    ``log_dir``, not a pipe, which a full buffer would block. Stopped on exit.
+
+    Raises
+    ------
+    RuntimeError
+        The server did not answer within ``MOTO_STARTUP_TIMEOUT`` seconds or exited; the
+        message holds its log.
+    """
+    binary = Path(sys.executable).with_name("moto_server")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = Path(log_dir) / f"moto-{port}.log"
+    env = {k: v for k, v in os.environ.items() if k not in REAL_AWS_VARIABLES}
+    env.update(FAKE_CREDENTIALS)
+    env.update(extra_env or {})
+    with open(log_path, "wb") as log:
+        try:
+            process = subprocess.Popen(
+                [str(binary), "-H", "127.0.0.1", "-p", str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        except FileNotFoundError:
+            raise RuntimeError(
+                f"no moto_server beside {sys.executable}: install the test extra "
+                "(pip install 'moto[server]')"
+            ) from None
+    try:
+        _wait_for(process, endpoint, log_path)
+        yield MotoServer(endpoint, process.pid, log_path)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_for(process: subprocess.Popen[bytes], endpoint: str, log_path: Path) -> None:
+    deadline = time.monotonic() + MOTO_STARTUP_TIMEOUT
+    while True:
+        try:
+            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            state = (
+                f"exited with {process.returncode}"
+                if process.poll() is not None
+                else f"did not answer within {MOTO_STARTUP_TIMEOUT:.0f} s"
+            )
+            raise RuntimeError(
+                f"moto_server on {endpoint} {state}; its output ({log_path}):\n"
+                + log_path.read_text(errors="replace")
+            )
+        time.sleep(0.05)

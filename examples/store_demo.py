@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 import dagger_store as ds
+from dagger_store.layout import blob_key
 
 MIB = 2**20
 
@@ -68,7 +69,7 @@ def main(url: str) -> None:
     print("tamper detection (on a scratch store):")
     with tempfile.TemporaryDirectory() as scratch, ds.open_store(scratch) as store:
         digest = store.put(weights[: MIB // 4])
-        leaf = Path(scratch, "v1", "blobs", digest.hex[:2], digest.hex)
+        leaf = Path(scratch, blob_key(digest))  # where the store keeps it
         leaf.chmod(0o644)
         raw = bytearray(leaf.read_bytes())
         raw[1000] ^= 0x01

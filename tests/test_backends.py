@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ from dagger_store.backends.local import LocalBackend
 from dagger_store.backends.memory import MemoryBackend
 from dagger_store.backends.s3 import MAX_IN_FLIGHT, S3Backend, open_s3_backend
 from dagger_store.errors import BackendError, InvalidKeyError, NotFoundError, StoreOpenError
-from dagger_store.testing import BackendContract
+from dagger_store.testing import BackendContract, moto_server
 
 SECRET_OPTIONS = {"key": "AKIADAGGERKEYID", "secret": "dagger-secret-never-print-me"}
 
@@ -101,6 +102,18 @@ class TestLocalBackend(BackendContract):
         assert backend.delete("j/k", modified_before=time.time() - 1800)
         assert backend.exists_many(["j/k"]) == [False] and list(backend.iter_scratch()) == []
 
+    def test_is_local_and_trusted_when_mine(self, backend: LocalBackend, tmp_path: Path) -> None:
+        assert not backend.remote and backend.trusted_by_location()  # a folder I made
+        missing = LocalBackend(tmp_path / "missing")
+        assert not missing.trusted_by_location()  # nothing there to vouch for it
+        missing.create()
+        assert missing.trusted_by_location() and (tmp_path / "missing").is_dir()
+        (tmp_path / "a-file").write_text("x")
+        with pytest.raises(StoreOpenError, match="not a folder"):
+            LocalBackend(tmp_path / "a-file").create()
+        with pytest.raises(StoreOpenError, match="cannot create"):
+            LocalBackend(tmp_path / "a-file" / "below").create()
+
     def test_scratch_lists_and_removes_stale_temp_files_only(self, backend: LocalBackend) -> None:
         backend.write_once("k", b"v")
         assert list(backend.iter_scratch()) == []
@@ -121,6 +134,15 @@ class TestLocalBackend(BackendContract):
                 backend.delete_scratch(name, modified_before=cutoff)
 
 
+class _FarBackend(MemoryBackend):
+    """Memory that calls itself remote and untrusted, as an S3 origin would."""
+
+    remote = True
+
+    def trusted_by_location(self) -> bool:
+        return False
+
+
 class TestCachedBackend(BackendContract):
     """A remote (a memory backend here) with a read-through local copy."""
 
@@ -129,12 +151,17 @@ class TestCachedBackend(BackendContract):
         return CachedBackend(MemoryBackend("memory://remote"), LocalBackend(tmp_path))
 
     def plant(self, backend: CachedBackend, key: str, data: bytes) -> None:
-        assert isinstance(backend.remote, MemoryBackend)
-        TestMemoryBackend().plant(backend.remote, key, data)
+        assert isinstance(backend.origin, MemoryBackend)
+        TestMemoryBackend().plant(backend.origin, key, data)
 
     def age(self, backend: CachedBackend, key: str, seconds: float) -> bool:
-        assert isinstance(backend.remote, MemoryBackend)
-        return TestMemoryBackend().age(backend.remote, key, seconds)
+        assert isinstance(backend.origin, MemoryBackend)
+        return TestMemoryBackend().age(backend.origin, key, seconds)
+
+    def test_describes_itself_as_its_origin(self, backend: CachedBackend, tmp_path: Path) -> None:
+        assert (backend.remote, backend.trusted_by_location()) == (False, True)  # memory's
+        far = CachedBackend(_FarBackend("memory://far"), LocalBackend(tmp_path / "c"))
+        assert (far.remote, far.trusted_by_location()) == (True, False)
 
     def test_delete_removes_the_cached_copy_too(self, backend: CachedBackend) -> None:
         backend.write_once("c/k", b"v")
@@ -151,9 +178,9 @@ class TestCachedBackend(BackendContract):
         assert [e.modified < time.time() - 3000 for e in backend.iter_entries()] == [True]
         assert backend.touch("c/k")
         assert [e.modified > time.time() - 60 for e in backend.iter_entries()] == [True]
-        remote = backend.remote
-        assert isinstance(remote, MemoryBackend)
-        assert list(backend.iter_entries()) == list(remote.iter_entries())
+        origin = backend.origin
+        assert isinstance(origin, MemoryBackend)
+        assert list(backend.iter_entries()) == list(origin.iter_entries())
 
 
 @pytest.mark.parametrize("cls", [MemoryBackend, LocalBackend, S3Backend, CachedBackend])
@@ -172,6 +199,9 @@ class TestS3Backend(BackendContract):
     def plant(self, backend: S3Backend, key: str, data: bytes) -> None:
         bucket, _, prefix = backend.root.partition("/")
         self.client.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
+
+    def test_is_remote_and_never_trusted_by_location(self, backend: S3Backend) -> None:
+        assert backend.remote and not backend.trusted_by_location()
 
     def test_iter_keys_skips_placeholders_and_other_prefixes(self, backend: S3Backend) -> None:
         bucket, _, prefix = backend.root.partition("/")
@@ -367,6 +397,12 @@ class _SizelessBackend(MemoryBackend):
             yield Entry(entry.key, 0, entry.modified)
 
 
+class _VagueBackend(MemoryBackend):
+    """Broken: does not say whether it is remote (None is not an answer)."""
+
+    remote = None  # type: ignore[assignment]
+
+
 BROKEN: list[tuple[type[MemoryBackend], Callable[[BackendContract, Any], None]]] = [
     (_OverwritingBackend, BackendContract.test_write_once_keeps_first_value),
     (_OverwritingBackend, BackendContract.test_reads_what_was_planted),
@@ -379,6 +415,7 @@ BROKEN: list[tuple[type[MemoryBackend], Callable[[BackendContract, Any], None]]]
     (_HastyDeleteBackend, BackendContract.test_a_touched_key_survives_a_delete_decided_before),
     (_NumbTouchBackend, BackendContract.test_touch_moves_modified_forward),
     (_SizelessBackend, BackendContract.test_entries_list_exactly_the_keys_with_sizes),
+    (_VagueBackend, BackendContract.test_describes_itself),
 ]
 
 
@@ -400,6 +437,22 @@ def test_contract_passes_the_reference_backend() -> None:
 
 
 # --- opening S3 stores -------------------------------------------------------------------------
+
+
+def test_a_moto_server_that_does_not_start_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "bin" / "moto_server"  # found beside sys.executable, as pip installs it
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'Address already in use' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    with pytest.raises(RuntimeError, match="exited with 3") as info, moto_server(tmp_path):
+        pass
+    assert "Address already in use" in str(info.value)
+    fake.unlink()
+    with pytest.raises(RuntimeError, match="moto"), moto_server(tmp_path):
+        pass
 
 
 def _assert_no_secret(error: BaseException) -> None:

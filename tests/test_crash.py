@@ -33,15 +33,14 @@ from dagger_store import (
     NodeKey,
     NotFoundError,
     Store,
-    codecs,
+    framing,
     node_key,
     open_store,
 )
 from dagger_store.backends.local import LocalBackend
-from dagger_store.codecs import HEADER_SIZE, Codec
 from dagger_store.digest import blob_digest
-from dagger_store.open import MARKER
-from dagger_store.store import BLOBS, MANIFESTS
+from dagger_store.framing import HEADER_SIZE, Framing
+from dagger_store.layout import BLOBS, MANIFESTS, MARKER, blob_key, manifest_key
 
 SPAWN = mp.get_context("spawn")
 # A bound on every wait: far above what any step takes, so only a hang or a dead child reaches it.
@@ -78,11 +77,11 @@ def expected_manifest(run: int, i: int) -> Manifest:
 
 
 def blob_path(root: Path, digest: Digest) -> Path:
-    return root / f"{BLOBS}{digest.hex[:2]}/{digest.hex}"
+    return root / blob_key(digest)
 
 
 def manifest_path(root: Path, key: NodeKey) -> Path:
-    return root / f"{MANIFESTS}{key.hex[:2]}/{key.hex}"
+    return root / manifest_key(key)
 
 
 def overwrite(path: Path, data: bytes) -> None:
@@ -219,15 +218,15 @@ def check_object(root: Path, rel: str) -> None:
             assert blob_path(root, digest).is_file(), f"manifest {rel} names absent {digest}"
         return
     assert area + "/" == BLOBS, f"stray file {rel}"
-    codec = codecs.read_header(data, rel)
+    codec = framing.read_header(data, rel)
     payload = memoryview(data)[HEADER_SIZE:]
-    if codec is Codec.INDEX:
-        digest = codecs.decode_index(payload, name, rel)
-        for leaf in codecs.index_leaves(payload, digest):
+    if codec is Framing.INDEX:
+        digest = framing.decode_index(payload, name, rel)
+        for leaf in framing.index_leaves(payload, digest):
             assert blob_path(root, leaf).is_file(), f"index {rel} names absent leaf {leaf}"
         return
-    raw = zstandard.ZstdDecompressor().decompress(payload) if codec is Codec.ZSTD else payload
-    assert codec in (Codec.RAW, Codec.ZSTD)
+    raw = zstandard.ZstdDecompressor().decompress(payload) if codec is Framing.ZSTD else payload
+    assert codec in (Framing.RAW, Framing.ZSTD)
     assert blake3(raw).hexdigest() == name, f"object {rel} does not match its name"
 
 
@@ -387,7 +386,7 @@ def test_planted_manifest_naming_an_absent_blob_is_not_a_hit(store: Store) -> No
     store.commit(whole, Manifest({"a": present}))
     # Bypass commit: write the manifest straight through the backend.
     planted = Manifest({"a": present, "b": absent}, {"planted": True})
-    assert store.backend.write_once(f"{MANIFESTS}{holes.hex[:2]}/{holes.hex}", planted.encode())
+    assert store.backend.write_once(manifest_key(holes), planted.encode())
 
     assert store.missing([holes, whole]) == [holes]
     with pytest.raises(IncompleteManifestError) as caught:
@@ -398,7 +397,7 @@ def test_planted_manifest_naming_an_absent_blob_is_not_a_hit(store: Store) -> No
     # A later commit neither overwrites the planted manifest nor reports it as a hit.
     with pytest.raises(IncompleteManifestError):
         store.commit(holes, Manifest({"a": present}))
-    assert store.backend.read(f"{MANIFESTS}{holes.hex[:2]}/{holes.hex}") == planted.encode()
+    assert store.backend.read(manifest_key(holes)) == planted.encode()
     # Putting the absent blob (recomputing the node) makes the manifest whole.
     assert store.put(absent_data) == absent
     assert store.missing([holes, whole]) == []
@@ -412,7 +411,7 @@ def test_manifest_naming_a_chunked_blob_that_lost_a_leaf_is_not_a_hit(store: Sto
     digest = store.put(data)
     key = node_key("holes", {"case": "lost leaf"})
     assert store.commit(key, Manifest({"w": digest})).won
-    leaf = codecs.index_leaves(
+    leaf = framing.index_leaves(
         memoryview(blob_path(store_root(store), digest).read_bytes())[HEADER_SIZE:], digest
     )[-1]
     blob_path(store_root(store), leaf).unlink()
@@ -429,9 +428,9 @@ def test_manifest_naming_a_chunked_blob_that_lost_a_leaf_is_not_a_hit(store: Sto
 
 CORRUPTIBLE = {
     # name: (data, the codec the store must pick for it)
-    "raw-small": (random.Random(1).randbytes(64 * 1024), Codec.RAW),  # get_into reads it whole
-    "raw-large": (random.Random(2).randbytes(3 * 2**20), Codec.RAW),  # get_into reads in place
-    "zstd": (b"abc" * 1_000_000, Codec.ZSTD),
+    "raw-small": (random.Random(1).randbytes(64 * 1024), Framing.RAW),  # get_into reads it whole
+    "raw-large": (random.Random(2).randbytes(3 * 2**20), Framing.RAW),  # get_into reads in place
+    "zstd": (b"abc" * 1_000_000, Framing.ZSTD),
 }
 
 
@@ -439,7 +438,7 @@ def put_leaf(store: Store, kind: str) -> tuple[bytes, Digest, Path]:
     data, codec = CORRUPTIBLE[kind]
     digest = store.put(data)
     path = blob_path(store_root(store), digest)
-    assert codecs.read_header(path.read_bytes(), str(path)) is codec
+    assert framing.read_header(path.read_bytes(), str(path)) is codec
     return data, digest, path
 
 
@@ -521,7 +520,7 @@ def test_flipped_byte_in_an_index_is_an_integrity_error(store: Store, offset: in
 
 def test_corrupt_leaf_of_a_chunked_blob_is_an_integrity_error(store: Store) -> None:
     _, digest, path = chunked(store)
-    leaves = codecs.index_leaves(memoryview(path.read_bytes())[HEADER_SIZE:], digest)
+    leaves = framing.index_leaves(memoryview(path.read_bytes())[HEADER_SIZE:], digest)
     leaf_path = blob_path(store_root(store), leaves[1])
     flip(leaf_path, leaf_path.stat().st_size // 2, 0x01)
     with pytest.raises(IntegrityError):

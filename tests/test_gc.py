@@ -30,9 +30,9 @@ from dagger_store.gc import (
     collect,
     delete_experiment,
 )
+from dagger_store.layout import BLOBS, MANIFESTS, blob_key, manifest_key
 from dagger_store.pins import PinExistsError, pin, pins, unpin
 from dagger_store.records import add_record, read_records
-from dagger_store.store import BLOBS, MANIFESTS
 
 DAY = 24 * 3600.0
 RNG = np.random.default_rng(11)
@@ -80,7 +80,7 @@ def objects_of(store: ds.Store, digest: ds.Digest) -> set[str]:
 
 
 def manifest_path(key: ds.NodeKey) -> str:
-    return f"{MANIFESTS}{key.hex[:2]}/{key.hex}"
+    return manifest_key(key)
 
 
 def age(store: ds.Store, seconds: float, keys: Sequence[str] | None = None) -> None:
@@ -262,9 +262,14 @@ def test_deleting_one_of_two_experiments_frees_exactly_its_own_blobs(tmp_path: P
 class _Minimal:
     """A local store's backend that can list with ages, and nothing more."""
 
+    remote = False
+
     def __init__(self, inner: LocalBackend) -> None:
         self.inner = inner
         self.url = inner.url
+
+    def trusted_by_location(self) -> bool:
+        return self.inner.trusted_by_location()
 
     def read(self, key: str) -> bytes:
         return self.inner.read(key)
@@ -434,7 +439,7 @@ def test_a_blob_touched_after_the_listing_is_kept(
 
 
 def blob_path(digest: ds.Digest) -> str:
-    return f"{BLOBS}{digest.hex[:2]}/{digest.hex}"
+    return blob_key(digest)
 
 
 # -- refusing to guess ---------------------------------------------------------------------------

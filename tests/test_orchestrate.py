@@ -9,9 +9,9 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -20,6 +20,8 @@ from toy_experiment import Boom, Finetune, Prune, ReturnsNothing, State, Train, 
 
 import dagger_orchestrate as dg
 import dagger_store as ds
+from dagger_store.backends.cached import CachedBackend
+from dagger_store.backends.memory import MemoryBackend
 
 
 @pytest.fixture(autouse=True)
@@ -265,7 +267,7 @@ def test_attributes_use_the_cheapest_faithful_codec(tmp_path: Path) -> None:
 def test_objects_are_pickled_with_their_arrays_out_of_band(tmp_path: Path) -> None:
     from collections import OrderedDict
 
-    from dagger_orchestrate.serialize import load_attribute, save_attribute
+    from dagger_orchestrate.codecs import load_attribute, save_attribute
 
     store = ds.open_store(tmp_path / "store")
     value = OrderedDict(w=np.arange(100_000, dtype=np.float32), tag="x")  # not plain: pickled
@@ -457,7 +459,7 @@ def test_a_remote_store_is_read_through_a_local_cache(
     restored = []
     for _ in range(2):  # the same state restored twice on this machine
         again = dg.Experiment.restore(tmp_path / "exp", **location)
-        remote_reads = BlobReads(again.store.backend.remote)  # behind the local cache
+        remote_reads = BlobReads(again.store.backend.origin)  # behind the local cache
         restored.append((again.graph.nodes.filter("pruned")[0].restore(), remote_reads.bytes))
     (first, downloaded), (second, downloaded_again) = restored
     np.testing.assert_array_equal(first.model["w1"], second.model["w1"])
@@ -546,7 +548,7 @@ def test_torch_tensors_and_modules_are_stored_without_pickling_their_weights(
 ) -> None:
     torch = pytest.importorskip("torch")
     store = ds.open_store(tmp_path / "store")
-    from dagger_orchestrate.serialize import load_attribute, save_attribute
+    from dagger_orchestrate.codecs import load_attribute, save_attribute
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64))
     model[2].weight = model[0].weight  # tied weights must stay one tensor
@@ -581,3 +583,36 @@ def test_draw_renders_where_dot_exists(
     target = tmp_path / "a.dir" / "graph.svg"  # a dot in a folder name must not confuse it
     dg.Experiment.restore(path).graph.draw(str(target))
     assert target.read_text().lstrip().startswith(("<?xml", "<svg"))
+
+
+class LabRemote(MemoryBackend):
+    """A storage plugged in from outside the package: remote, so the experiment caches it."""
+
+    remote = True
+    opened_with: ClassVar[list[dict[str, Any]]] = []
+    instances: ClassVar[dict[str, LabRemote]] = {}
+
+    def trusted_by_location(self) -> bool:
+        return False
+
+
+def _open_labremote(url: str, storage_options: Mapping[str, Any]) -> LabRemote:
+    LabRemote.opened_with.append(dict(storage_options))
+    return LabRemote.instances.setdefault(url, LabRemote(url))
+
+
+def test_an_experiment_on_a_registered_scheme(tmp_path: Path) -> None:
+    ds.register_backend("labremote", _open_labremote)
+    location = {"store": "labremote://lab/cache", "storage_options": {"token": "t0"}}
+    cache = str(tmp_path / "c")
+    exp = dg.Experiment(tmp_path / "exp", state_class=State, cache_dir=cache, **location)
+    tree = pruning_tree(exp, lrs=(0.1,))
+    assert len(exp.run().executed) == 3
+    assert LabRemote.opened_with and all(o == {"token": "t0"} for o in LabRemote.opened_with)
+    # Remote, so a local cache tier stands in front of it; the cache fills as states are read.
+    assert isinstance(exp.store.backend, CachedBackend)
+    assert isinstance(exp.store.backend.origin, LabRemote)
+    restored = dg.Experiment.restore(tmp_path / "exp", cache_dir=cache, **location)
+    state = restored.graph.node(tree["prune 0.1"].key.hex).restore()
+    assert state.history == ["train lr=0.1", "prune 0.5"]
+    assert any((tmp_path / "c" / "v1" / "blobs").rglob("*"))

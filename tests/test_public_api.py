@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagger_orchestrate
 import dagger_store
+from dagger_store import pins
 
 
 def test_dagger_store_public_names() -> None:
@@ -11,9 +12,9 @@ def test_dagger_store_public_names() -> None:
         [
             "KEY_SCHEMA", "LEAF_SIZE", "BackendError", "Commit", "Digest", "FormatError",
             "IncompleteManifestError", "IntegrityError", "InvalidKeyError", "LabKey", "Manifest",
-            "NodeKey", "NotFoundError", "Store", "StoreError", "StoreOpenError",
+            "NodeKey", "NotFoundError", "PinExistsError", "Store", "StoreError", "StoreOpenError",
             "UnencodableValueError", "UntrustedError", "VerifyReport", "canonical_encode",
-            "node_key", "open_store",
+            "node_key", "open_backend", "open_store", "register_backend",
         ]
     )  # fmt: skip
     for name in dagger_store.__all__:
@@ -25,7 +26,7 @@ def test_errors_form_one_tree_with_fitting_builtins() -> None:
     for error in (
         ds.NotFoundError, ds.IntegrityError, ds.InvalidKeyError, ds.UnencodableValueError,
         ds.FormatError, ds.StoreOpenError, ds.BackendError, ds.IncompleteManifestError,
-        ds.UntrustedError,
+        ds.UntrustedError, ds.PinExistsError,
     ):  # fmt: skip
         assert issubclass(error, ds.StoreError)
     assert issubclass(ds.NotFoundError, LookupError)
@@ -34,6 +35,8 @@ def test_errors_form_one_tree_with_fitting_builtins() -> None:
     assert issubclass(ds.UnencodableValueError, TypeError)
     assert issubclass(ds.BackendError, OSError)
     assert issubclass(ds.UntrustedError, PermissionError)
+    assert issubclass(ds.PinExistsError, FileExistsError)
+    assert pins.PinExistsError is ds.PinExistsError  # where it is raised, named as before
 
 
 def test_dagger_orchestrate_public_names() -> None:
@@ -41,7 +44,7 @@ def test_dagger_orchestrate_public_names() -> None:
         [
             "Experiment", "ExperimentState", "Function", "FunctionCall", "FunctionResult",
             "Graph", "GraphNode", "NodeSet", "Recipe", "RunError", "RunReport",
-            "StaleCodeWarning", "StatePromise",
+            "StaleCodeWarning", "StatePromise", "register_codec", "register_scheduler",
         ]
     )  # fmt: skip
     for name in dagger_orchestrate.__all__:

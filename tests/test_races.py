@@ -24,8 +24,7 @@ import pytest
 
 from dagger_store import LEAF_SIZE, Digest, Manifest, NodeKey, Store, node_key, open_store
 from dagger_store.digest import blob_digest, leaf_digest, leaf_views, tree_digest
-from dagger_store.open import MARKER, MARKER_TEXT
-from dagger_store.store import BLOBS
+from dagger_store.layout import BLOBS, MARKER, MARKER_TEXT, blob_key
 
 SPAWN = mp.get_context("spawn")
 # A bound on every wait: far above what any step takes, so only a hang or a dead peer reaches it.
@@ -70,7 +69,7 @@ def expected_objects(data: bytes) -> set[str]:
     leaves = [leaf_digest(view) for view in leaf_views(memoryview(data))]
     assert len(leaves) > 1
     digests = [*leaves, tree_digest(len(data), leaves)]
-    return {f"{BLOBS}{d.hex[:2]}/{d.hex}" for d in digests}
+    return {blob_key(d) for d in digests}
 
 
 def files_under(root: Path, sub: str) -> set[str]:

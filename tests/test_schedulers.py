@@ -1,4 +1,5 @@
-"""RunnerContract: every scheduler (sync, threads, processes, dask.distributed) behaves the same.
+"""RunnerContract: every scheduler (sync, threads, processes, dask.distributed, any dask get
+function, a registered one) behaves the same.
 
 Processes and distributed workers are real processes; they run with the store on the local
 folder and on the S3 test server, and whatever their working directory is.
@@ -10,6 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dask
+import dask.multiprocessing
+import dask.threaded
 import pytest
 from toy_experiment import Boom, Prune, State, Train, history, sparsity
 
@@ -107,6 +111,73 @@ class TestProcesses(RunnerContract):
         return location
 
 
+@pytest.mark.parametrize(
+    "get", [dask.get, dask.threaded.get, dask.multiprocessing.get], ids=lambda g: g.__module__
+)
+class TestDaskGetFunctions(RunnerContract):
+    """Any get function dask accepts, as is (dask.get is dask's synchronous scheduler)."""
+
+    @pytest.fixture
+    def scheduler(self, get: Any) -> Any:
+        return get
+
+    @pytest.fixture
+    def location(self, local_location: dict[str, Any]) -> dict[str, Any]:
+        return local_location
+
+
+class CountingGet:
+    """A scheduler from outside the package: dask's threaded get, counting the graphs it ran."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph: Any, keys: Any, **kwargs: Any) -> Any:
+        self.graphs += 1
+        return dask.threaded.get(graph, keys, **kwargs)
+
+
+class TestRegisteredScheduler(RunnerContract):
+    @pytest.fixture
+    def scheduler(self) -> Iterator[Any]:
+        counting = CountingGet()
+        dg.register_scheduler("counting-threads", counting)
+        yield "counting-threads"
+        assert counting.graphs >= 1  # the runs really went through it
+
+    @pytest.fixture
+    def location(self, local_location: dict[str, Any]) -> dict[str, Any]:
+        return local_location
+
+
+def test_registering_a_scheduler_checks_its_arguments() -> None:
+    with pytest.raises(TypeError, match="non-empty str"):
+        dg.register_scheduler("", dask.threaded.get)
+    with pytest.raises(TypeError, match="get function"):
+        dg.register_scheduler("nothing", 42)  # type: ignore[arg-type]
+
+
+def test_functions_run_in_definition_order_on_synchronous_gets(tmp_path: Path) -> None:
+    for scheduler in (None, "sync", dask.get):
+        exp = dg.Experiment(tmp_path / f"exp-{id(scheduler)}", state_class=State)
+        root = exp.spawn_new_tree(dataset_name="digits", seed=0)
+        trained = [Train(nb_epochs=1, lr=lr)(root) for lr in (0.3, 0.1, 0.2)]
+        calls = [history(t) for t in reversed(trained)] + [history(root)]
+        order: list[int] = []
+        for i, call in enumerate(calls):
+            original = call.function
+
+            def remember(
+                state: Any, i: int = i, original: Any = original, order: list[int] = order
+            ) -> Any:
+                order.append(i)
+                return original.fn(state)
+
+            call.function = dg.Function(remember)
+        exp.run(scheduler, progress=False)
+        assert order == list(range(len(calls)))
+
+
 @pytest.fixture(scope="module")
 def cluster_client() -> Iterator[Any]:
     from distributed import Client, LocalCluster
@@ -147,5 +218,8 @@ def test_workers_do_not_resolve_paths_against_their_own_cwd(
 def test_unknown_scheduler_is_refused(tmp_path: Path) -> None:
     exp = dg.Experiment(tmp_path / "exp", state_class=State)
     exp.spawn_new_tree(dataset_name="digits", seed=0)
-    with pytest.raises(ValueError, match="unknown scheduler 'gpu'"):
+    with pytest.raises(ValueError, match="unknown scheduler 'gpu'") as info:
         exp.run("gpu")
+    assert "register_scheduler" in str(info.value) and "'threads'" in str(info.value)
+    with pytest.raises(TypeError, match="a scheduler is None, a name"):
+        exp.run(3.5)

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 
 import dagger_store as ds
-from dagger_store.codecs import Codec
 from dagger_store.digest import LEAF_SIZE, blob_digest
+from dagger_store.framing import Framing
+from dagger_store.plain import MAX_INT, MIN_INT, is_plain
+from dagger_store.units import format_bytes
 
 RNG = np.random.default_rng(7)
 NOISE = RNG.integers(0, 256, 2 * LEAF_SIZE + 12345, dtype=np.uint8).tobytes()
@@ -36,8 +41,8 @@ def blob_objects(store: ds.Store) -> set[str]:
     return set(store.backend.iter_keys("v1/blobs/"))
 
 
-def stored_codec(store: ds.Store, digest: ds.Digest) -> Codec:
-    return Codec(store.backend.read(f"v1/blobs/{digest.hex[:2]}/{digest.hex}")[5])
+def stored_codec(store: ds.Store, digest: ds.Digest) -> Framing:
+    return Framing(store.backend.read(f"v1/blobs/{digest.hex[:2]}/{digest.hex}")[5])
 
 
 # -- blobs ---------------------------------------------------------------------------------------
@@ -111,10 +116,10 @@ def test_compression_only_where_it_pays(store: ds.Store) -> None:
     pruned[RNG.random(pruned.size) < 0.5] = 0.0
     text = b"the same line again\n" * 100_000
     dense = RNG.standard_normal(LEAF_SIZE // 8).astype(np.float32)
-    assert stored_codec(store, store.put(text)) is Codec.ZSTD
-    assert stored_codec(store, store.put(pruned)) is Codec.ZSTD
-    assert stored_codec(store, store.put(dense)) is Codec.RAW
-    assert stored_codec(store, store.put(NOISE[:1000])) is Codec.RAW
+    assert stored_codec(store, store.put(text)) is Framing.ZSTD
+    assert stored_codec(store, store.put(pruned)) is Framing.ZSTD
+    assert stored_codec(store, store.put(dense)) is Framing.RAW
+    assert stored_codec(store, store.put(NOISE[:1000])) is Framing.RAW
     digest = store.put(text)
     stored = store.backend.read(f"v1/blobs/{digest.hex[:2]}/{digest.hex}")
     assert len(stored) < len(text) / 50
@@ -124,7 +129,7 @@ def test_compression_only_where_it_pays(store: ds.Store) -> None:
 def test_compression_level_zero_stores_raw(tmp_path: Path) -> None:
     with ds.open_store(tmp_path / "s", compression_level=0) as store:
         digest = store.put(b"\0" * 100_000)
-        assert stored_codec(store, digest) is Codec.RAW
+        assert stored_codec(store, digest) is Framing.RAW
         assert store.get(digest) == b"\0" * 100_000
 
 
@@ -234,6 +239,24 @@ def test_manifest_validates_itself() -> None:
         ds.Manifest({"": digest})
 
 
+def test_plain_data_is_what_msgpack_stores_as_it_is() -> None:
+    for value in (None, True, 0, MIN_INT, MAX_INT, 1.5, "s", b"b", [1, [2.0]], {"k": {"n": []}}):
+        assert is_plain(value), value
+        assert msgpack.unpackb(msgpack.packb(value, use_bin_type=True), raw=False) == value
+        ds.Manifest({}, {"v": value})  # the manifest's own rule has the same bounds
+    for value in (MIN_INT - 1, MAX_INT + 1, (1,), {1: "a"}, [()], OrderedDict(a=1), np.int64(1)):
+        assert not is_plain(value), value
+    for value in (MIN_INT - 1, MAX_INT + 1):
+        with pytest.raises(TypeError, match="64 bits"):
+            ds.Manifest({}, {"v": value})
+
+
+def test_sizes_read_in_binary_units() -> None:
+    assert [format_bytes(n) for n in (0, 1023, 1024, 1536, 2**30, 5 * 2**40, 2**52)] == [
+        "0 B", "1,023 B", "1.0 KiB", "1.5 KiB", "1.0 GiB", "5.0 TiB", "4,096.0 TiB",
+    ]  # fmt: skip
+
+
 def test_manifest_encoding_is_canonical() -> None:
     a = blob_digest(b"a")
     one = ds.Manifest({"x": a, "y": a}, {"b": 1, "a": (1, 2)})
@@ -279,6 +302,49 @@ def test_open_creates_then_reopens(tmp_path: Path) -> None:
         digest = store.put(b"kept")
     with ds.open_store(f"file://{tmp_path}/new/store") as again:
         assert again.get(digest) == b"kept"
+
+
+def test_only_making_a_store_creates_its_folder(tmp_path: Path) -> None:
+    where = tmp_path / "not" / "yet"
+    backend = ds.open_backend(where)
+    assert not backend.remote and not where.exists()  # opening a backend creates nothing
+    with pytest.raises(ds.StoreOpenError, match="no store at") as info:
+        ds.open_store(where, create=False)
+    assert str(where) in str(info.value) and str(where) in info.value.url
+    assert not (tmp_path / "not").exists()
+    with ds.open_store(backend) as store:  # a store is made: its folder first, then its marker
+        assert [n for n in os.listdir(where) if not n.startswith(".")] == ["dagger-store"]
+        digest = store.put(b"v")
+    assert ds.open_store(where, create=False).get(digest) == b"v"
+
+
+def test_the_layout_is_spelled_out_here_so_it_never_drifts(tmp_path: Path) -> None:
+    """The on-storage names, literally: a change here is a format change (see layout.py)."""
+    from dagger_store import leases
+    from dagger_store.pins import pin
+    from dagger_store.records import add_record
+
+    root = tmp_path / "store"
+    store = ds.open_store(root)
+    digest = store.put(b"blob")
+    key = ds.node_key("state", {"layout": 1})
+    store.commit(key, ds.Manifest({"b": digest}))
+    add_record(store, "exp-a", "def", [key], {})
+    assert leases.acquire(store, key, "me", 60) is not None
+    pin(store, "paper", [key])
+    b, k = digest.hex, key.hex
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    (record,) = [f for f in files if f.startswith("v1/experiments/")]
+    assert files == {
+        "dagger-store",
+        f"v1/blobs/{b[:2]}/{b}",
+        f"v1/manifests/{k[:2]}/{k}",
+        record,
+        f"v1/leases/{k}/000000000000",
+        "v1/pins/paper",
+    }
+    assert re.fullmatch(r"v1/experiments/exp-a/\d{20}-[0-9a-f]{32}\.def", record)
+    assert (root / "dagger-store").read_bytes() == b"dagger-store\nlayout: v1\n"
 
 
 def test_memory_stores_are_shared_by_name() -> None:

@@ -23,11 +23,11 @@ from blake3 import blake3
 
 import dagger_orchestrate as dg
 import dagger_store as ds
-from dagger_orchestrate.execute import load_state
-from dagger_orchestrate.serialize import load_attribute, save_attribute
+from dagger_orchestrate.codecs import load_attribute, save_attribute
+from dagger_orchestrate.persist import load_state
+from dagger_store.layout import manifest_key
 from dagger_store.manifest import SIGNATURE_SIZE, Frame
 from dagger_store.signing import LAB_KEY_ENV, LAB_KEY_FILE_ENV
-from dagger_store.store import MANIFESTS
 
 KEY = "lab-key-" + "5eb1c0ffee" * 4
 OTHER_KEY = "other-lab-key-" + "d00dfeed42" * 4
@@ -96,7 +96,7 @@ def s3(s3_url: str, s3_storage_options: dict[str, Any], s3_client: Any) -> Locat
 
 
 def manifest_object(key: ds.NodeKey) -> str:
-    return f"{MANIFESTS}{key.hex[:2]}/{key.hex}"
+    return manifest_key(key)
 
 
 def sample(store: ds.Store, note: str = "init") -> ds.Manifest:

@@ -8,9 +8,15 @@ Invariants every backend keeps (``dagger_store.testing.BackendContract`` checks 
   concurrent writers of one key exactly one returns True; the other's bytes are discarded.
 - ``exists_many`` answers for all keys in one batched round (concurrent on remote stores).
 - Errors are translated here into the ``dagger_store.errors`` tree; nothing else leaks.
+- A backend describes itself, so that nothing above the seam infers from its class or URL:
+  ``remote`` (whether objects cross a network) and ``trusted_by_location()`` (whether where it
+  is vouches for what it holds).
+- Opening a backend creates nothing; ``SupportsCreate.create`` makes the location, called only
+  by whoever is about to write there first (``open_store``, before a new store's marker).
 
 Optional capabilities, each its own small protocol (``isinstance`` tells whether a backend has
-it): ``SupportsReadInto`` (read into a caller's buffer), and for garbage collection
+it): ``SupportsReadInto`` (read into a caller's buffer), ``SupportsCreate`` (make the location
+itself, e.g. a folder), and for garbage collection
 ``SupportsDelete``, ``SupportsEntries`` (keys with size and modification time) and
 ``SupportsTouch`` (refresh a key's modification time). A modification time is the storage's own
 clock (file mtime, S3 LastModified), in epoch seconds; ``write_once`` sets it, ``touch`` moves it
@@ -55,9 +61,34 @@ def check_key(key: str) -> str:
 
 @runtime_checkable
 class Backend(Protocol):
-    """Where bytes live. Keys are '/'-separated and relative to the backend root."""
+    """Where bytes live. Keys are '/'-separated and relative to the backend root.
+
+    Attributes
+    ----------
+    url
+        Where the backend is, for messages: a URL (``file:///...``, ``s3://bucket/prefix``) that
+        never carries credentials.
+    remote
+        Whether objects cross a network (S3): then a local read-through cache pays, and more
+        workers than cores (round trips, not CPUs, bound the speed). False for memory and for a
+        local or NFS folder.
+    """
 
     url: str
+
+    @property
+    def remote(self) -> bool: ...
+
+    def trusted_by_location(self) -> bool:
+        """Whether where this backend is vouches for what it holds, so that data whose loading
+        runs code (pickles) may load from it without signatures.
+
+        True only where nobody but the current user can have written: this process's memory, a
+        local folder whose store marker (else the folder itself) the current user owns. A remote
+        store is False (anyone with write access there could have planted objects); a cache
+        answers for its origin. May look at the storage (the owner of a file), never writes.
+        """
+        ...
 
     def read(self, key: str) -> bytes:
         """Return the whole value; NotFoundError if absent."""
@@ -86,6 +117,18 @@ class SupportsReadInto(Protocol):
 
     def read_into(self, key: str, offset: int, out: memoryview) -> int:
         """Fill ``out`` with the value's bytes from ``offset``; return how many were read."""
+        ...
+
+
+@runtime_checkable
+class SupportsCreate(Protocol):
+    """A backend whose location itself must be made before anything is written there (a local
+    folder). Opening a backend never creates anything: ``create`` is called by whoever is about
+    to write there first (``open_store``, just before a new store's marker)."""
+
+    def create(self) -> None:
+        """Make the location (a folder: with its parents) if it is absent; StoreOpenError, saying
+        what is in the way, if it cannot be made."""
         ...
 
 

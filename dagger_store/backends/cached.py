@@ -1,13 +1,17 @@
-"""A remote backend with a local read-through copy of what it reads.
+"""A remote backend (the origin) with a local read-through copy of what it reads.
 
 Every stored object is immutable (blobs are content-addressed, manifests written once), so a
-cached copy never goes stale and needs no invalidation. Existence is always asked of the remote,
-the authority: a blob the cache still holds may be gone remotely, and a manifest committed on the
+cached copy never goes stale and needs no invalidation. Existence is always asked of the origin,
+the authority: a blob the cache still holds may be gone there, and a manifest committed on the
 strength of the cache's word would name a blob that others cannot read.
 
-Garbage collection goes to the remote too: entries and touches are the remote's, and a delete
-removes the remote object, then the cached copy (a copy of a deleted object would still be served
-to this reader, harmlessly, since it cannot be wrong; but it would only take space).
+Garbage collection goes to the origin too: entries and touches are the origin's, and a delete
+removes the origin's object, then the cached copy (a copy of a deleted object would still be
+served to this reader, harmlessly, since it cannot be wrong; but it would only take space).
+
+The cache describes itself as its origin does: as remote (writes and existence still cross the
+network), and trusted by location exactly when the origin is (the cache holds what the origin
+handed out).
 """
 
 from __future__ import annotations
@@ -27,18 +31,25 @@ from dagger_store.errors import NotFoundError
 
 
 class CachedBackend:
-    """Reads from ``cache`` when it can, else from ``remote`` (keeping a copy in ``cache``)."""
+    """Reads from ``cache`` when it can, else from ``origin`` (keeping a copy in ``cache``)."""
 
-    def __init__(self, remote: Backend, cache: LocalBackend) -> None:
-        self.remote = remote
+    def __init__(self, origin: Backend, cache: LocalBackend) -> None:
+        self.origin = origin
         self.cache = cache
-        self.url = remote.url
+        self.url = origin.url
+
+    @property
+    def remote(self) -> bool:
+        return self.origin.remote
+
+    def trusted_by_location(self) -> bool:
+        return self.origin.trusted_by_location()
 
     def read(self, key: str) -> bytes:
         try:
             return self.cache.read(key)
         except NotFoundError:
-            data = self.remote.read(key)
+            data = self.origin.read(key)
             self.cache.write_once(key, data)
             return data
 
@@ -51,35 +62,35 @@ class CachedBackend:
             return len(data)
 
     def write_once(self, key: str, *parts: Buffer) -> bool:
-        created = self.remote.write_once(key, *parts)
+        created = self.origin.write_once(key, *parts)
         if created:
             self.cache.write_once(key, *parts)
         return created
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
-        return self.remote.exists_many(keys)
+        return self.origin.exists_many(keys)
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
-        return self.remote.iter_keys(prefix)
+        return self.origin.iter_keys(prefix)
 
     def iter_entries(self, prefix: str = "") -> Iterator[Entry]:
-        if not isinstance(self.remote, SupportsEntries):
-            raise _incapable(self.remote, "list entries")
-        return self.remote.iter_entries(prefix)
+        if not isinstance(self.origin, SupportsEntries):
+            raise _incapable(self.origin, "list entries")
+        return self.origin.iter_entries(prefix)
 
     def delete(self, key: str, *, modified_before: float | None = None) -> bool:
-        if not isinstance(self.remote, SupportsDelete):
-            raise _incapable(self.remote, "delete")
-        deleted = self.remote.delete(key, modified_before=modified_before)
+        if not isinstance(self.origin, SupportsDelete):
+            raise _incapable(self.origin, "delete")
+        deleted = self.origin.delete(key, modified_before=modified_before)
         if deleted:
             self.cache.delete(key)
         return deleted
 
     def touch(self, key: str) -> bool:
-        if not isinstance(self.remote, SupportsTouch):
-            raise _incapable(self.remote, "touch")
-        return self.remote.touch(key)
+        if not isinstance(self.origin, SupportsTouch):
+            raise _incapable(self.origin, "touch")
+        return self.origin.touch(key)
 
 
-def _incapable(remote: Backend, what: str) -> TypeError:
-    return TypeError(f"the remote backend {remote.url} cannot {what}")
+def _incapable(origin: Backend, what: str) -> TypeError:
+    return TypeError(f"the origin backend {origin.url} cannot {what}")

@@ -24,7 +24,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from dagger_store.backends.base import Buffer, Entry, check_key, fill
-from dagger_store.errors import BackendError, InvalidKeyError, NotFoundError
+from dagger_store.errors import BackendError, InvalidKeyError, NotFoundError, StoreOpenError
+from dagger_store.layout import MARKER
 
 _TMP = ".tmp"
 # Objects are immutable, so read-only; and readable by whoever the umask allows (mkstemp's 0600
@@ -35,18 +36,44 @@ _OBJECT_MODE = 0o444 & ~_UMASK
 
 
 class LocalBackend:
-    """Values as files under ``root``; the root must already exist."""
+    """Values as files under ``root``, which must exist before anything is written (``create``).
+
+    Not remote. Trusted by location when the current user owns the root's store marker (else,
+    before there is one, the root itself): then nobody else can have written what it holds.
+    """
+
+    remote = False
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
         self.url = f"file://{self.root}"
         self._tmp = self.root / _TMP
 
+    def create(self) -> None:
+        """Make the root folder, and its parents, if absent."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise StoreOpenError(
+                f"{self.url} exists and is not a folder; pick another path", url=self.url
+            ) from None
+        except OSError as exc:
+            raise StoreOpenError(
+                f"cannot create the folder {self.url}: {exc.strerror}; pick a path you can write",
+                url=self.url,
+            ) from exc
+
+    def trusted_by_location(self) -> bool:
+        marker = self.root / MARKER
+        return _owned_by_me(marker if marker.exists() else self.root)
+
     @contextmanager
     def _translated(self, key: str) -> Iterator[None]:
         try:
             yield
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            # NotADirectoryError: a folder on the key's path is a file (the root, say), so the
+            # key is not there either.
             raise NotFoundError(f"no such key {key!r} in {self.url}", key=key) from exc
         except PermissionError as exc:
             raise BackendError(
@@ -223,6 +250,16 @@ class LocalBackend:
             except FileNotFoundError:
                 return False
             return True
+
+
+def _owned_by_me(path: Path) -> bool:
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is None:  # no owners to compare (Windows): trust must be said explicitly
+        return False
+    try:
+        return bool(path.stat().st_uid == geteuid())
+    except OSError:
+        return False
 
 
 def _write_all(fd: int, data: memoryview) -> None:

@@ -13,8 +13,10 @@ from dagger_store.errors import NotFoundError
 
 class MemoryBackend:
     """Values in a dict; ``write_once`` is atomic under a lock. A key's modification time is
-    when it was written or last touched."""
+    when it was written or last touched. Not remote; trusted by location (this process filled
+    it)."""
 
+    remote = False
     _named: ClassVar[dict[str, MemoryBackend]] = {}
     _named_lock: ClassVar[threading.Lock] = threading.Lock()
 
@@ -23,6 +25,9 @@ class MemoryBackend:
         self._values: dict[str, bytes] = {}
         self._modified: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    def trusted_by_location(self) -> bool:
+        return True
 
     @classmethod
     def named(cls, name: str) -> MemoryBackend:

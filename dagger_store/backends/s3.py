@@ -84,8 +84,12 @@ _IP_ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+")
 
 
 class S3Backend:
-    """Values as objects under ``root`` ("bucket" or "bucket/prefix"), through ``fs``."""
+    """Values as objects under ``root`` ("bucket" or "bucket/prefix"), through ``fs``.
 
+    Remote; never trusted by location (whoever may write the bucket could have planted objects).
+    """
+
+    remote = True
     list_page_size = 1000  # keys per LIST request; 1000 is S3's maximum
 
     def __init__(self, fs: s3fs.S3FileSystem, root: str) -> None:
@@ -99,6 +103,9 @@ class S3Backend:
         self.url = f"s3://{root}"
         self._bucket = bucket
         self._prefix = prefix + "/" if prefix else ""
+
+    def trusted_by_location(self) -> bool:
+        return False
 
     @contextmanager
     def _translated(self, key: str) -> Iterator[None]:

@@ -1,9 +1,10 @@
 """Blob framing: how one stored object holds a leaf (raw or zstd) or a chunked blob's index.
 
-Every blob object starts with an 8-byte header: ``b"DAGB"``, the frame version, the codec, two
-zero bytes. The codec is recorded per object because the choice is per object: zstd only where
-it pays (dense float weights compress ~1.08x at ~0.3 GB/s, so they are stored raw). Digests are of
-the uncompressed bytes, so the codec can change without changing identity.
+Every blob object starts with an 8-byte header: ``b"DAGB"``, the frame version, the framing
+(raw, zstd or index), two zero bytes. The framing is recorded per object because the choice is
+per object: zstd only where it pays (dense float weights compress ~1.08x at ~0.3 GB/s, so they
+are stored raw). Digests are of the uncompressed bytes, so the framing can change without
+changing identity. ("Codec" is kept for attribute codecs, ``dagger_orchestrate.codecs``.)
 
 Nothing here trusts what it reads: ``decode_*`` verify against the expected digest and raise
 IntegrityError, naming the object, before any byte is handed on.
@@ -30,18 +31,18 @@ _PROBE_BYTES = 64 * 1024
 _PROBES = 4
 
 
-class Codec(enum.IntEnum):
+class Framing(enum.IntEnum):
     RAW = 0
     ZSTD = 1
     INDEX = 2  # a chunked blob: the raw 32-byte digests of its leaves, in order
 
 
-def header(codec: Codec) -> bytes:
-    return MAGIC + bytes([FRAME_VERSION, codec, 0, 0])
+def header(kind: Framing) -> bytes:
+    return MAGIC + bytes([FRAME_VERSION, kind, 0, 0])
 
 
-def read_header(head: bytes | bytearray | memoryview, key: str) -> Codec:
-    """The codec of an object from its first HEADER_SIZE bytes."""
+def read_header(head: bytes | bytearray | memoryview, key: str) -> Framing:
+    """The framing of an object from its first HEADER_SIZE bytes."""
     if len(head) < HEADER_SIZE or bytes(head[:4]) != MAGIC:
         raise IntegrityError(f"blob object {key!r} has no valid header (truncated?)", key=key)
     if head[4] != FRAME_VERSION:
@@ -51,9 +52,9 @@ def read_header(head: bytes | bytearray | memoryview, key: str) -> Codec:
             key=key,
         )
     try:
-        return Codec(head[5])
+        return Framing(head[5])
     except ValueError:
-        raise FormatError(f"blob object {key!r} has unknown codec {head[5]}", key=key) from None
+        raise FormatError(f"blob object {key!r} has unknown framing {head[5]}", key=key) from None
 
 
 class Compressor:
@@ -82,8 +83,8 @@ class Compressor:
         if compress:
             packed = self._context().compress(data)
             if len(packed) < WORTHWHILE_RATIO * len(data):
-                return header(Codec.ZSTD), packed
-        return header(Codec.RAW), data
+                return header(Framing.ZSTD), packed
+        return header(Framing.RAW), data
 
 
 def verify(data: bytes | memoryview, expected: Digest, key: str) -> None:
@@ -144,7 +145,7 @@ def decompress_into(payload: bytes | memoryview, target: memoryview, key: str) -
 def encode_index(size: int, leaves: list[Digest]) -> bytes:
     """The object of a chunked blob: its size, then its leaves' raw digests in order."""
     return (
-        header(Codec.INDEX)
+        header(Framing.INDEX)
         + size.to_bytes(8, "big")
         + b"".join(bytes.fromhex(leaf.hex) for leaf in leaves)
     )

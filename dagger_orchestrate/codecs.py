@@ -1,0 +1,421 @@
+"""Attribute codecs: how each state attribute becomes blobs and comes back, and their registry.
+
+Built-in codecs, in the order they are tried (the first that accepts a value stores it):
+
+- ``torch``: torch tensors (when torch is imported; never a dependency) as their raw bytes.
+- ``ndarray``: numpy arrays as their raw buffer, zero-copy both ways: never pickled.
+- ``msgpack``: plain data (None, bool, 64-bit int, float, str, bytes, lists, str-keyed dicts).
+- ``tree``: plain data that also holds tuples, arrays or tensors (a model's dict of weight
+  matrices, a ``(train, eval)`` pair of arrays): msgpack for the structure, each array a blob of
+  its own. No pickle, so it loads from any store, trusted or not.
+- ``pickle``: anything else, with protocol 5 and out-of-band buffers, so the arrays inside an
+  object still become separate content-addressed blobs; the tensors inside an object (an
+  ``nn.Module``'s parameters) are pulled out the same way. Loading it runs code.
+
+``register_codec(codec)`` adds one. Precedence: registered codecs are tried before the built-ins,
+the most recently registered first, so a codec can take over values a built-in would store.
+Reading goes by the name recorded in the manifest, whatever the precedence is now. A codec says
+whether loading it runs code (``runs_code``); the dispatcher, ``load_attribute``, enforces the
+trust rule once for all of them: such an attribute loads only from a ``trusted`` store
+(``dagger_store.signing``), and from any other raises UntrustedError before the codec is called.
+
+An attribute a child inherits unchanged hashes to blobs that already exist, so it costs a hash
+and no write.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import msgpack
+import numpy as np
+
+import dagger_store as ds
+from dagger_store.plain import is_plain
+
+Parts = dict[str, ds.Digest]
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """How one kind of attribute value is stored.
+
+    ``save`` puts the value's blobs and returns them as *parts* with a *spec*: the part named
+    ``""`` is the attribute's main blob, other part names start with ``#`` or ``@``; the spec is
+    plain data (str-keyed dict; ``"codec"`` is added by the dispatcher) that ``load`` gets back
+    together with the same parts.
+    """
+
+    name: str  # recorded in the manifest: how a reader finds this codec again
+    runs_code: bool  # loading may execute code (pickle): only from a trusted store
+
+    def accepts(self, value: Any) -> bool: ...
+
+    def save(self, store: ds.Store, value: Any) -> tuple[Parts, dict[str, Any]]: ...
+
+    def load(
+        self, store: ds.Store, parts: Mapping[str, ds.Digest], spec: Mapping[str, Any]
+    ) -> Any: ...
+
+
+def register_codec(codec: Codec) -> None:
+    """Store the values ``codec.accepts`` with it, ahead of the codecs registered before it.
+
+    Raises ValueError when another codec has the same name: names are what manifests record.
+    """
+    if not isinstance(codec, Codec) or not isinstance(codec.runs_code, bool):
+        raise TypeError(
+            "a codec has a name (str), runs_code (bool), and accepts, save and load methods "
+            f"(see dagger_orchestrate.codecs.Codec), got {codec!r}"
+        )
+    if not isinstance(codec.name, str) or not codec.name:
+        raise TypeError(f"a codec's name is a non-empty str, got {codec.name!r}")
+    known = _BY_NAME.get(codec.name)
+    if known is codec:
+        return
+    if known is not None:
+        raise ValueError(
+            f"a codec named {codec.name!r} is registered already ({known!r}); manifests record "
+            "codecs by name, so give yours another name"
+        )
+    _BY_NAME[codec.name] = codec
+    _REGISTERED.insert(0, codec)
+
+
+def codec_for(value: Any) -> Codec:
+    """The codec that stores ``value``: registered ones first (newest first), then built-ins."""
+    for codec in (*_REGISTERED, *_BUILT_IN):
+        if codec.accepts(value):
+            return codec
+    raise AssertionError("unreachable: the pickle codec accepts everything")
+
+
+def save_attribute(store: ds.Store, name: str, value: Any) -> tuple[Parts, dict[str, Any]]:
+    """Put ``value``'s blobs; return the manifest entries and how to read them back."""
+    codec = codec_for(value)
+    try:
+        parts, spec = codec.save(store, value)
+    except TypeError as exc:
+        raise TypeError(f"state attribute {name!r}: {exc}") from exc
+    for part in parts:
+        if part and part[0] not in "#@":
+            raise ValueError(
+                f"codec {codec.name!r} returned the part {part!r} for attribute {name!r}: "
+                "part names are '' or start with '#' or '@'"
+            )
+    return {name + part: digest for part, digest in parts.items()}, {"codec": codec.name, **spec}
+
+
+def load_attribute(
+    store: ds.Store,
+    blobs: Mapping[str, ds.Digest],
+    name: str,
+    spec: Any,
+    *,
+    node: ds.NodeKey | None = None,
+) -> Any:
+    """Rebuild an attribute from its manifest entries (``blobs``) and codec ``spec``.
+
+    ``node`` (the manifest's key) names the node in errors. UntrustedError for an attribute
+    whose codec runs code, from a store that is not ``trusted``; FormatError for a codec this
+    process does not know.
+    """
+    codec = _BY_NAME.get(spec["codec"])
+    if codec is None:
+        where = f" of node {node}" if node is not None else ""
+        raise ds.FormatError(
+            f"attribute {name!r}{where} was stored with codec {spec['codec']!r}, which this "
+            "process does not know: import the module that registers it "
+            "(dagger_orchestrate.register_codec), or it was written by a newer dagger",
+            key=name,
+        )
+    parts = _AttributeParts(blobs, name)
+    if codec.runs_code and not store.trusted:
+        raise _untrusted(store, name, node, parts[""], codec.name)
+    return codec.load(store, parts, spec)
+
+
+class _AttributeParts(Mapping[str, ds.Digest]):
+    """One attribute's parts, by part name, out of a manifest's entries."""
+
+    def __init__(self, blobs: Mapping[str, ds.Digest], name: str) -> None:
+        self._blobs = blobs
+        self._name = name
+
+    def __getitem__(self, part: str) -> ds.Digest:
+        return self._blobs[self._name + part]
+
+    def __iter__(self) -> Iterator[str]:
+        n = len(self._name)
+        return (
+            k[n:] for k in self._blobs if k == self._name or (k[:n] == self._name and k[n] in "#@")
+        )
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _untrusted(
+    store: ds.Store, name: str, node: ds.NodeKey | None, digest: ds.Digest, codec: str
+) -> ds.UntrustedError:
+    which = f"of node {node}" if node is not None else f"(in blob {digest})"
+    return ds.UntrustedError(
+        f"refusing to load attribute {name!r} {which}: its codec {codec!r} runs code, {store.url} "
+        "is not a trusted store, and anyone who can write there could have planted that code "
+        "(its arrays, tensors and plain data load regardless). For a shared store, configure "
+        "the lab key (DAGGER_LAB_KEY or DAGGER_LAB_KEY_FILE) and require signed manifests "
+        "(open_store(..., require_signatures=True), the default for a remote store with a lab "
+        "key); if you trust everyone who can write there, open_store(..., trust=True)",
+        key=node.hex if node is not None else "",
+        attribute=name,
+    )
+
+
+def _torch() -> Any:
+    return sys.modules.get("torch")  # a tensor implies torch is imported; never import it
+
+
+# -- built-in codecs ------------------------------------------------------------------------------
+
+
+class _TorchCodec:
+    name, runs_code = "torch", False
+
+    def accepts(self, value: Any) -> bool:
+        torch = _torch()
+        return torch is not None and type(value) is torch.Tensor
+
+    def save(self, store: ds.Store, value: Any) -> tuple[Parts, dict[str, Any]]:
+        digest, spec = _save_tensor(store, value, _torch())
+        return {"": digest}, spec
+
+    def load(self, store: ds.Store, parts: Mapping[str, ds.Digest], spec: Mapping[str, Any]) -> Any:
+        return _load_tensor(store, parts[""], spec)
+
+
+class _NdarrayCodec:
+    name, runs_code = "ndarray", False
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, np.ndarray) and not value.dtype.hasobject
+
+    def save(self, store: ds.Store, value: Any) -> tuple[Parts, dict[str, Any]]:
+        return {"": store.put(value)}, {"dtype": value.dtype.str, "shape": list(value.shape)}
+
+    def load(self, store: ds.Store, parts: Mapping[str, ds.Digest], spec: Mapping[str, Any]) -> Any:
+        array = np.empty(spec["shape"], dtype=np.dtype(spec["dtype"]))
+        store.get_into(parts[""], array)
+        return array
+
+
+class _MsgpackCodec:
+    name, runs_code = "msgpack", False
+
+    def accepts(self, value: Any) -> bool:
+        return is_plain(value)
+
+    def save(self, store: ds.Store, value: Any) -> tuple[Parts, dict[str, Any]]:
+        return {"": store.put(msgpack.packb(value, use_bin_type=True))}, {}
+
+    def load(self, store: ds.Store, parts: Mapping[str, ds.Digest], spec: Mapping[str, Any]) -> Any:
+        return msgpack.unpackb(store.get(parts[""]), raw=False, strict_map_key=False)
+
+
+# msgpack extension codes of the tree codec
+_TUPLE, _ARRAY, _TENSOR = 1, 2, 3
+
+
+class _TreeCodec:
+    name, runs_code = "tree", False
+
+    def accepts(self, value: Any) -> bool:
+        return _is_tree(value, _torch())
+
+    def save(self, store: ds.Store, value: Any) -> tuple[Parts, dict[str, Any]]:
+        arrays: list[np.ndarray[Any, Any]] = []
+        tensors: list[Any] = []
+
+        def refer(obj: Any) -> msgpack.ExtType:
+            if type(obj) is tuple:
+                return msgpack.ExtType(_TUPLE, pack(list(obj)))
+            if type(obj) is np.ndarray:
+                arrays.append(obj)
+                return msgpack.ExtType(_ARRAY, pack(len(arrays) - 1))
+            tensors.append(obj)
+            return msgpack.ExtType(_TENSOR, pack(len(tensors) - 1))
+
+        def pack(obj: Any) -> bytes:
+            # strict types: tuples reach `refer` instead of silently becoming lists
+            packed: bytes = msgpack.packb(obj, default=refer, strict_types=True, use_bin_type=True)
+            return packed
+
+        parts = {"": store.put(pack(value))}
+        for i, digest in enumerate(store.put_many(arrays)):
+            parts[f"#{i}"] = digest
+        tensor_parts, tensor_specs = _save_tensors(store, tensors)
+        shapes = [{"dtype": a.dtype.str, "shape": list(a.shape)} for a in arrays]
+        return parts | tensor_parts, {"arrays": shapes, "tensors": tensor_specs}
+
+    def load(self, store: ds.Store, parts: Mapping[str, ds.Digest], spec: Mapping[str, Any]) -> Any:
+        arrays = []
+        for i, shape in enumerate(spec["arrays"]):
+            array = np.empty(shape["shape"], dtype=np.dtype(shape["dtype"]))
+            store.get_into(parts[f"#{i}"], array)
+            arrays.append(array)
+        tensors = _load_tensors(store, parts, spec["tensors"])
+
+        def resolve(code: int, data: bytes) -> Any:
+            if code == _TUPLE:
+                return tuple(unpack(data))
+            if code == _ARRAY:
+                return arrays[unpack(data)]
+            if code == _TENSOR:
+                return tensors[unpack(data)]
+            raise ds.FormatError(f"a tree attribute has unknown element {code}", key=str(code))
+
+        def unpack(data: bytes) -> Any:
+            return msgpack.unpackb(data, ext_hook=resolve, raw=False, strict_map_key=False)
+
+        return unpack(store.get(parts[""]))
+
+
+class _PickleCodec:
+    name, runs_code = "pickle", True
+
+    def accepts(self, value: Any) -> bool:
+        return True  # the fallback: tried last
+
+    def save(self, store: ds.Store, value: Any) -> tuple[Parts, dict[str, Any]]:
+        buffers: list[pickle.PickleBuffer] = []
+        file = io.BytesIO()
+        pickler = _TensorPickler(file, buffers, _torch())
+        try:
+            pickler.dump(value)
+        except Exception as exc:
+            raise TypeError(
+                f"a {type(value).__name__} cannot be stored: it is not a numpy array, plain "
+                f"data, or picklable ({exc}); convert it, keep it out of the state, or register "
+                "a codec for it (dagger_orchestrate.register_codec)"
+            ) from exc
+        parts = {"": store.put(file.getbuffer())}
+        for i, digest in enumerate(store.put_many([b.raw() for b in buffers])):
+            parts[f"#{i}"] = digest
+        tensor_parts, tensor_specs = _save_tensors(store, pickler.tensors)
+        return parts | tensor_parts, {"buffers": len(buffers), "tensors": tensor_specs}
+
+    def load(self, store: ds.Store, parts: Mapping[str, ds.Digest], spec: Mapping[str, Any]) -> Any:
+        buffers = []
+        for i in range(spec["buffers"]):
+            digest = parts[f"#{i}"]
+            out = bytearray(digest.size)  # writable, so unpickled arrays are writable too
+            store.get_into(digest, out)
+            buffers.append(out)
+        tensors = _load_tensors(store, parts, spec["tensors"])
+        return _TensorUnpickler(io.BytesIO(store.get(parts[""])), buffers, tensors).load()
+
+
+_BUILT_IN: tuple[Codec, ...] = (
+    _TorchCodec(),
+    _NdarrayCodec(),
+    _MsgpackCodec(),
+    _TreeCodec(),
+    _PickleCodec(),
+)
+_REGISTERED: list[Codec] = []
+_BY_NAME: dict[str, Codec] = {codec.name: codec for codec in _BUILT_IN}
+
+
+def _is_tree(value: Any, torch: Any) -> bool:
+    kind = type(value)
+    if kind is np.ndarray:
+        return not value.dtype.hasobject
+    if torch is not None and kind is torch.Tensor:
+        return True
+    if kind in (list, tuple):
+        return all(_is_tree(v, torch) for v in value)
+    if kind is dict:
+        return all(type(k) is str and _is_tree(v, torch) for k, v in value.items())
+    return is_plain(value)
+
+
+# -- tensors, on their own and inside trees and pickles -------------------------------------------
+
+
+def _save_tensor(store: ds.Store, value: Any, torch: Any) -> tuple[ds.Digest, dict[str, Any]]:
+    tensor = value.detach().cpu().contiguous()
+    # Through a byte view, so dtypes numpy lacks (bfloat16) are stored the same way.
+    raw = tensor.reshape(-1).view(torch.uint8).numpy()
+    spec = {
+        "dtype": str(tensor.dtype).removeprefix("torch."),
+        "shape": list(tensor.shape),
+        "requires_grad": bool(value.requires_grad),
+        "parameter": isinstance(value, torch.nn.Parameter),
+    }
+    return store.put(raw), spec
+
+
+def _save_tensors(store: ds.Store, tensors: list[Any]) -> tuple[Parts, list[dict[str, Any]]]:
+    """Tensors found inside a value: parts ``@0``, ``@1``, ... and their specs."""
+    parts: Parts = {}
+    specs = []
+    for i, tensor in enumerate(tensors):
+        parts[f"@{i}"], spec = _save_tensor(store, tensor, _torch())
+        specs.append({"codec": "torch", **spec})
+    return parts, specs
+
+
+def _load_tensor(store: ds.Store, digest: ds.Digest, spec: Mapping[str, Any]) -> Any:
+    import torch  # recorded as a tensor: torch was there when it was saved
+
+    dtype = getattr(torch, spec["dtype"])
+    raw = np.empty(digest.size, dtype=np.uint8)
+    store.get_into(digest, raw)
+    flat = torch.from_numpy(raw).view(dtype) if raw.size else torch.empty(0, dtype=dtype)
+    tensor = flat.reshape(spec["shape"])
+    if spec.get("parameter"):
+        return torch.nn.Parameter(tensor, requires_grad=spec["requires_grad"])
+    return tensor.requires_grad_(spec["requires_grad"])
+
+
+def _load_tensors(
+    store: ds.Store, parts: Mapping[str, ds.Digest], specs: list[Mapping[str, Any]]
+) -> list[Any]:
+    return [_load_tensor(store, parts[f"@{i}"], spec) for i, spec in enumerate(specs)]
+
+
+class _TensorPickler(pickle.Pickler):
+    """Protocol 5 with out-of-band buffers; plain tensors and Parameters pulled out by reference."""
+
+    def __init__(self, file: io.BytesIO, buffers: list[pickle.PickleBuffer], torch: Any) -> None:
+        super().__init__(file, protocol=5, buffer_callback=buffers.append)
+        self.tensors: list[Any] = []
+        self._index: dict[int, int] = {}  # by id: a tensor shared twice (tied weights) stays one
+        self._kinds = () if torch is None else (torch.Tensor, torch.nn.Parameter)
+
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) not in self._kinds:
+            return None
+        if id(obj) not in self._index:
+            self._index[id(obj)] = len(self.tensors)
+            self.tensors.append(obj)
+        return ("dagger.tensor", self._index[id(obj)])
+
+
+class _TensorUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, buffers: list[bytearray], tensors: list[Any]) -> None:
+        super().__init__(file, buffers=buffers)
+        self._tensors = tensors
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "dagger.tensor":
+            return self._tensors[pid[1]]
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
+def plain_or_repr(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Values for records and display: plain data as is, anything else as its repr."""
+    return {k: v if is_plain(v) else repr(v) for k, v in values.items()}
