@@ -13,7 +13,7 @@ once which exist, and only the missing nodes run, on dask::
     report = exp.run()
 """
 
-from dagger_orchestrate.codecs import register_codec
+from dagger_orchestrate.codecs import MissingClassError, register_codec
 from dagger_orchestrate.definition import FunctionCall, StatePromise
 from dagger_orchestrate.execute import register_scheduler
 from dagger_orchestrate.experiment import (
@@ -24,23 +24,28 @@ from dagger_orchestrate.experiment import (
     StaleCodeWarning,
 )
 from dagger_orchestrate.function import Function
-from dagger_orchestrate.graph import Graph, GraphNode, NodeSet
+from dagger_orchestrate.graph import Graph, GraphNode, NodeSet, StandInWarning
 from dagger_orchestrate.recipe import Recipe
 from dagger_orchestrate.state import ExperimentState
+from dagger_store.content import Dir, File
 
 __all__ = [
+    "Dir",
     "Experiment",
     "ExperimentState",
+    "File",
     "Function",
     "FunctionCall",
     "FunctionResult",
     "Graph",
     "GraphNode",
+    "MissingClassError",
     "NodeSet",
     "Recipe",
     "RunError",
     "RunReport",
     "StaleCodeWarning",
+    "StandInWarning",
     "StatePromise",
     "register_codec",
     "register_scheduler",

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import dagger_store as ds
+from dagger_orchestrate.folder import MARKER as FOLDER_MARKER
+from dagger_orchestrate.folder import Folder, absolute, is_url, open_folder
 from dagger_store.layout import OBJECTS
 from dagger_store.records import experiments, read_records
 from dagger_store.units import format_bytes
@@ -54,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Inspect and maintain a dagger store (local folder, NFS or s3://).",
         epilog="exit codes: 0 ok, 1 problems found (verify), 2 bad usage, 3 store error",
     )
-    parser.add_argument("--store", help="store URL or path (default: $DAGGER_STORE)")
+    parser.add_argument(
+        "--store",
+        help="store URL or path, or an experiment folder (default: $DAGGER_STORE, else the "
+        "folder given as EXP)",
+    )
     parser.add_argument("--endpoint-url", help="S3 endpoint (for S3-compatible servers)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -65,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
     command("ls", _ls, "list the experiments that have records in the store")
     sub = command("tree", _tree, "an experiment's tree, with tags and cached/missing status")
-    sub.add_argument("experiment", help="experiment name (see `ls`)")
+    sub.add_argument("experiment", help="experiment name (see `ls`) or folder")
     sub = command("show", _show, "a node: recipe, properties, attributes, provenance")
     sub.add_argument("key", help="node key or a unique prefix of one")
     command("du", _du, "logical bytes (what manifests name) vs bytes stored: the dedup ratio")
@@ -84,13 +90,48 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("draw", _draw, "render an experiment's tree with Graphviz")
     sub.add_argument("experiment")
     sub.add_argument("-o", "--output", required=True, help="file to write, e.g. tree.svg")
+    sub = command(
+        "results", _results, "an experiment's results table: one row per node, with its "
+        "properties, Function results and timings",
+    )  # fmt: skip
+    sub.add_argument("experiment", help="experiment name (see `ls`) or folder")
+    sub.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table",
+        help="an aligned text table (default), CSV, or JSON records",
+    )  # fmt: skip
+    sub.add_argument(
+        "--filter", action="extend", nargs="+", default=[], metavar="TAG",
+        help="only nodes with a tag matching every glob; '!pat': with no tag matching it",
+    )  # fmt: skip
+    sub = command(
+        "report", _report, "write a self-contained HTML report: summary, the tree coloured by "
+        "a result, the sortable results table, a plot",
+    )  # fmt: skip
+    sub.add_argument("experiment", help="experiment name (see `ls`) or folder")
+    sub.add_argument("-o", "--output", required=True, help="file to write, e.g. report.html")
+    sub.add_argument(
+        "--color-by", metavar="COLUMN",
+        help="colour the tree by this results column, or by tags: 'tag:GLOB' (default: the "
+        "first numeric Function result)",
+    )  # fmt: skip
+    sub.add_argument("--x", metavar="COLUMN", help="the plot's x column (with --y)")
+    sub.add_argument("--y", metavar="COLUMN", help="the plot's y column (with --x)")
+    sub.add_argument("--hue", metavar="COLUMN", help="the plot's series column")
     return parser
 
 
 def _open(args: Any) -> ds.Store:
     url = args.store or os.environ.get("DAGGER_STORE")
+    experiment = getattr(args, "experiment", None)
+    if not url and experiment and (folder := _experiment_folder(experiment)) is not None:
+        url = folder.store  # `dagger-lab tree runs/pruning`: the folder knows its store
     if not url:
-        raise ValueError("no store: pass --store URL or set DAGGER_STORE")
+        raise ValueError(
+            "no store: pass --store (a store URL or path, or an experiment folder) or set "
+            "DAGGER_STORE"
+        )
+    if (folder := _experiment_folder(url)) is not None:
+        url = folder.store  # --store named an experiment folder: its store
     options = {"endpoint_url": args.endpoint_url} if args.endpoint_url else None
     return ds.open_store(url, storage_options=options, create=False)
 
@@ -107,11 +148,24 @@ def _ls(store: ds.Store, args: Any) -> int:
     return OK
 
 
+def _experiment_folder(location: str) -> Folder | None:
+    """The experiment folder at a local path, or None if ``location`` is not one."""
+    if is_url(location) or not os.path.isfile(os.path.join(location, FOLDER_MARKER)):
+        return None
+    return open_folder(absolute(location), {}, store=None, name=None, create=False)
+
+
 def _graph(store: ds.Store, name: str) -> Any:
     from dagger_orchestrate.graph import Graph
 
+    if name not in experiments(store) and (folder := _experiment_folder(name)) is not None:
+        name = folder.name  # EXP may be the experiment's folder as well as its name
     if name not in experiments(store):
-        raise ds.NotFoundError(f"no experiment {name!r} in {store.url} (see `ls`)", key=name)
+        raise ds.NotFoundError(
+            f"no experiment {name!r} in {store.url}: give a name `ls` lists, or an experiment "
+            "folder",
+            key=name,
+        )
     return Graph.from_records(store, name, None)
 
 
@@ -147,10 +201,48 @@ def _show(store: ds.Store, args: Any) -> int:
         shape = f"{spec['dtype']} {tuple(spec['shape'])}" if "shape" in spec else ""
         print(f"  {name:<20} {spec['codec']:<8} {shape:<24} {format_bytes(size):>10}")
     print("provenance")
-    for field, value in manifest.meta.get("provenance", {}).items():
-        if field == "finished":
-            value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
-        print(f"  {field:<10} {value}")
+    provenance = dict(manifest.meta.get("provenance", {}))
+
+    def when(value: Any) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(value))
+
+    def duration(value: Any) -> str:
+        minutes, seconds = divmod(float(value), 60)
+        if not minutes:
+            return f"{seconds:.3f} s"
+        hours, minutes = divmod(int(minutes), 60)
+        return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:.0f} s"
+
+    def package(value: Any) -> str:
+        return f"{value} {provenance.pop('distribution_version', '')}".strip()
+
+    readable: list[tuple[str, str, Callable[[Any], str]]] = [
+        ("started", "started", when),
+        ("finished", "finished", when),
+        ("duration", "seconds", duration),
+        ("host", "host", str),
+        ("user", "user", str),
+        ("pid", "pid", str),
+        ("python", "python", str),
+        ("platform", "platform", str),
+        ("numpy", "numpy", str),
+        ("torch", "torch", str),
+        ("dagger-lab", "dagger_lab", str),
+        ("package", "distribution", package),  # the code's installed distribution
+        ("git commit", "git_commit", str),
+        ("git dirty", "git_dirty", lambda d: "yes: the code differs from it" if d else "no"),
+        ("peak memory", "peak_memory", lambda n: f"{format_bytes(n)} (the process's peak so far)"),
+    ]
+    for label, field, show in readable:
+        if field in provenance:
+            value = provenance.pop(field)
+            try:
+                text = show(value)
+            except (TypeError, ValueError, OverflowError):
+                text = str(value)  # a manifest from another version: shown as it is
+            print(f"  {label:<12} {text}")
+    for field, value in provenance.items():  # fields this version does not know
+        print(f"  {field:<12} {value}")
     return OK
 
 
@@ -218,6 +310,64 @@ def _draw(store: ds.Store, args: Any) -> int:
         print(f"dagger-lab: {exc}", file=sys.stderr)
         return USAGE
     print(f"wrote {args.output}")
+    return OK
+
+
+def _results(store: ds.Store, args: Any) -> int:
+    from dagger_orchestrate.graph import Graph
+    from dagger_orchestrate.results import table, text_table
+    from dagger_orchestrate.state import ExperimentState
+
+    name = args.experiment
+    known = experiments(store)
+    if name not in known and (folder := _experiment_folder(name)) is not None:
+        name = folder.name
+    if name not in known:
+        _graph(store, name)  # raises the NotFoundError that says what EXP may be
+    # The table needs no state class: import none (importing runs the experiment's code).
+    graph = Graph.from_records(store, name, ExperimentState)
+    frame = table(graph, graph.nodes.filter(*args.filter))
+    if args.format == "csv":
+        print(frame.to_csv(index=False), end="")
+    elif args.format == "json":
+        print(frame.to_json(orient="records", date_format="iso", indent=2))
+    elif len(frame):
+        print(text_table(frame))
+    else:
+        print(f"no nodes in {name}" + (f" match {' '.join(args.filter)}" if args.filter else ""))
+    return OK
+
+
+def _report(store: ds.Store, args: Any) -> int:
+    from dagger_orchestrate.graph import Graph
+    from dagger_orchestrate.plots import require_matplotlib
+    from dagger_orchestrate.report import report_html
+    from dagger_orchestrate.results import table
+    from dagger_orchestrate.state import ExperimentState
+
+    name = args.experiment
+    known = experiments(store)
+    if name not in known and (folder := _experiment_folder(name)) is not None:
+        name = folder.name
+    if name not in known:
+        _graph(store, name)  # raises the NotFoundError that says what EXP may be
+    # The report needs no state class: import none (importing runs the experiment's code).
+    graph = Graph.from_records(store, name, ExperimentState)
+    page = report_html(
+        graph.nodes, table(graph), title=name, store_url=store.url,
+        color_by=args.color_by, x=args.x, y=args.y, hue=args.hue,
+    )  # fmt: skip
+    try:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(page)
+    except OSError as exc:
+        print(f"dagger-lab: cannot write {args.output!r}: {exc}", file=sys.stderr)
+        return USAGE
+    try:
+        require_matplotlib("the report's plot")
+    except ImportError as exc:
+        print(f"dagger-lab: {exc}; the report was written without it", file=sys.stderr)
+    print(f"wrote {args.output} ({len(graph)} nodes)")
     return OK
 
 

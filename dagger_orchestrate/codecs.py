@@ -5,9 +5,11 @@ Built-in codecs, in the order they are tried (the first that accepts a value sto
 - ``torch``: torch tensors (when torch is imported; never a dependency) as their raw bytes.
 - ``ndarray``: numpy arrays as their raw buffer, zero-copy both ways: never pickled.
 - ``msgpack``: plain data (None, bool, 64-bit int, float, str, bytes, lists, str-keyed dicts).
-- ``tree``: plain data that also holds tuples, arrays or tensors (a model's dict of weight
-  matrices, a ``(train, eval)`` pair of arrays): msgpack for the structure, each array a blob of
-  its own. No pickle, so it loads from any store, trusted or not.
+- ``tree``: plain data that also holds tuples, arrays, tensors or numpy scalars (a model's dict
+  of weight matrices, a ``(train, eval)`` pair of arrays, ``np.float32(0.93)``): msgpack for the
+  structure, each array a blob of its own, each numpy scalar its dtype and bytes inline. No
+  pickle, so it loads from any store, trusted or not.
+- ``content``: ``dg.File`` and ``dg.Dir`` as their identity (path, digest, size): no pickle.
 - ``pickle``: anything else, with protocol 5 and out-of-band buffers, so the arrays inside an
   object still become separate content-addressed blobs; the tensors inside an object (an
   ``nn.Module``'s parameters) are pulled out the same way. Loading it runs code.
@@ -35,6 +37,7 @@ import msgpack
 import numpy as np
 
 import dagger_store as ds
+from dagger_store.content import Dir, File, described, from_description
 from dagger_store.plain import is_plain
 
 Parts = dict[str, ds.Digest]
@@ -225,8 +228,8 @@ class _MsgpackCodec:
         return msgpack.unpackb(store.get(parts[""]), raw=False, strict_map_key=False)
 
 
-# msgpack extension codes of the tree codec
-_TUPLE, _ARRAY, _TENSOR = 1, 2, 3
+# msgpack extension codes of the tree codec (never reuse one: stored trees name them)
+_TUPLE, _ARRAY, _TENSOR, _SCALAR = 1, 2, 3, 4
 
 
 class _TreeCodec:
@@ -245,6 +248,8 @@ class _TreeCodec:
             if type(obj) is np.ndarray:
                 arrays.append(obj)
                 return msgpack.ExtType(_ARRAY, pack(len(arrays) - 1))
+            if isinstance(obj, np.generic):  # its dtype (byte order included) and its bytes
+                return msgpack.ExtType(_SCALAR, pack([obj.dtype.str, obj.tobytes()]))
             tensors.append(obj)
             return msgpack.ExtType(_TENSOR, pack(len(tensors) - 1))
 
@@ -275,12 +280,30 @@ class _TreeCodec:
                 return arrays[unpack(data)]
             if code == _TENSOR:
                 return tensors[unpack(data)]
+            if code == _SCALAR:
+                dtype, raw = unpack(data)
+                return np.frombuffer(raw, dtype=np.dtype(dtype))[0]
             raise ds.FormatError(f"a tree attribute has unknown element {code}", key=str(code))
 
         def unpack(data: bytes) -> Any:
             return msgpack.unpackb(data, ext_hook=resolve, raw=False, strict_map_key=False)
 
         return unpack(store.get(parts[""]))
+
+
+class _ContentCodec:
+    """Data by content (``dg.File``, ``dg.Dir``): their identity as plain data, no pickle."""
+
+    name, runs_code = "content", False
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, File | Dir)
+
+    def save(self, store: ds.Store, value: Any) -> tuple[Parts, dict[str, Any]]:
+        return {}, described(value)
+
+    def load(self, store: ds.Store, parts: Mapping[str, ds.Digest], spec: Mapping[str, Any]) -> Any:
+        return from_description(spec)
 
 
 class _PickleCodec:
@@ -323,6 +346,7 @@ _BUILT_IN: tuple[Codec, ...] = (
     _NdarrayCodec(),
     _MsgpackCodec(),
     _TreeCodec(),
+    _ContentCodec(),
     _PickleCodec(),
 )
 _REGISTERED: list[Codec] = []
@@ -333,6 +357,8 @@ def _is_tree(value: Any, torch: Any) -> bool:
     kind = type(value)
     if kind is np.ndarray:
         return not value.dtype.hasobject
+    if isinstance(value, np.generic):
+        return _plain_scalar(value)
     if torch is not None and kind is torch.Tensor:
         return True
     if kind in (list, tuple):
@@ -340,6 +366,11 @@ def _is_tree(value: Any, torch: Any) -> bool:
     if kind is dict:
         return all(type(k) is str and _is_tree(v, torch) for k, v in value.items())
     return is_plain(value)
+
+
+def _plain_scalar(value: np.generic) -> bool:
+    # Not objects (pickle's business) nor structured voids (the dtype string drops the fields).
+    return value.dtype.kind not in "OV"
 
 
 # -- tensors, on their own and inside trees and pickles -------------------------------------------
@@ -414,6 +445,44 @@ class _TensorUnpickler(pickle.Unpickler):
         if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "dagger.tensor":
             return self._tensors[pid[1]]
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError) as exc:
+            # Typically a class defined in the training script (__main__), read elsewhere.
+            raise MissingClassError(f"{module}.{name}", f"{type(exc).__name__}: {exc}") from exc
+
+
+class MissingClassError(ImportError):
+    """A stored object needs a class that cannot be imported in this process.
+
+    ``class_path`` names the class; ``node`` and ``attribute`` (when known) say whose
+    attribute needed it; ``state`` (from ``restore``) is the state with every other
+    attribute loaded.
+    """
+
+    def __init__(
+        self,
+        class_path: str,
+        reason: str,
+        *,
+        node: ds.NodeKey | None = None,
+        attribute: str = "",
+        state: Any = None,
+    ) -> None:
+        where = f"attribute {attribute!r} of node {node.hex[:12]}" if node else "a stored object"
+        super().__init__(
+            f"{where} needs the class {class_path}, which cannot be imported here ({reason}). "
+            f"Make {class_path.rpartition('.')[0]!r} importable in this process (a class defined "
+            "in a training script lives in __main__: define it in a module both import), or "
+            "restore the other attributes with node.restore(attributes=[...])"
+        )
+        self.class_path = class_path
+        self.reason = reason
+        self.node = node
+        self.attribute = attribute
+        self.state = state
 
 
 def plain_or_repr(values: Mapping[str, Any]) -> dict[str, Any]:

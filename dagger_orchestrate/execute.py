@@ -7,6 +7,9 @@ why every scheduler (synchronous, threads, processes, distributed) behaves the s
 
 A task never raises: a failure becomes a ``Failed`` outcome and its descendants ``Skipped``, so
 the other branches still finish and commit.
+
+A Function call's task also stores its value (``results.save_result``) unless its result is
+stored already; calls whose stored result is reused (``Function(cache=True)``) never get here.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import dagger_store as ds
 from dagger_orchestrate.inflight import LeaseTerms, claim, holding
 from dagger_orchestrate.persist import label, load_state, save_state
 from dagger_orchestrate.plan import NodeSpec, Plan
+from dagger_orchestrate.results import save_result
 from dagger_orchestrate.state import ExperimentState
 from dagger_orchestrate.storeref import StoreRef
 
@@ -37,6 +41,7 @@ from dagger_orchestrate.storeref import StoreRef
 class Done:
     key: ds.NodeKey
     seconds: float
+    finished: float = 0.0  # epoch time its manifest was committed
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,12 +67,20 @@ class Skipped:
 
 @dataclass(frozen=True, slots=True)
 class CallSpec:
-    """One Function applied to one node, with the tags it was called under."""
+    """One Function applied to one node, with the tags it was called under.
+
+    ``result_key``: where its value is stored, made from ``identity`` (``Function.identity``,
+    computed once, where the run was started); ``save``: whether to store it (False when a
+    result is stored there already: the first writer's stays).
+    """
 
     index: int
     function: Any  # dagger_orchestrate.Function
     node: NodeSpec
     tags: tuple[str, ...]
+    result_key: ds.NodeKey
+    identity: Mapping[str, Any]
+    save: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +88,7 @@ class Returned:
     index: int
     value: Any
     seconds: float
+    cached: bool = False  # a stored result, reused: the Function did not run
 
 
 Outcome = Done | Waited | Failed | Skipped
@@ -133,7 +147,7 @@ def run_node(
             return Waited(node.key, time.perf_counter() - start)
         with holding(store, lease, terms):
             _compute(store, node, tags, start)
-        return Done(node.key, time.perf_counter() - start)
+        return Done(node.key, time.perf_counter() - start, time.time())
     except Exception as exc:
         return Failed(node.key, _portable(exc), traceback.format_exc())
 
@@ -163,7 +177,8 @@ def _compute(store: ds.Store, node: NodeSpec, tags: tuple[str, ...], start: floa
 def run_function(
     call: CallSpec, ref: StoreRef, node: Outcome | None, after: object = None
 ) -> Returned | Failed | Skipped:
-    """Run one Function on a (fresh copy of a) committed state; never raises.
+    """Run one Function on a (fresh copy of a) committed state and store its value (unless
+    ``call.save`` is False); never raises.
 
     ``after`` is only an ordering edge (the previous call's outcome) and is ignored.
     """
@@ -171,9 +186,16 @@ def run_function(
         return Skipped(call.node.key, node.key if isinstance(node, Failed) else node.because)
     start = time.perf_counter()
     try:
-        state = load_state(ref.open(), call.node.key, call.node.state_class, call.tags)
+        store = ref.open()
+        state = load_state(store, call.node.key, call.node.state_class, call.tags)
         value = call.function.fn(state)
-        return Returned(call.index, value, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        if call.save:
+            save_result(
+                store, call.result_key, call.identity, call.function.name, call.node.key,
+                value, seconds,
+            )  # fmt: skip
+        return Returned(call.index, value, seconds)
     except Exception as exc:
         return Failed(call.node.key, _portable(exc), traceback.format_exc())
 

@@ -8,7 +8,8 @@ import uuid
 import warnings
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from blake3 import blake3
@@ -21,13 +22,26 @@ from dagger_orchestrate.folder import absolute, is_url, open_folder
 from dagger_orchestrate.graph import Graph
 from dagger_orchestrate.inflight import LeaseTerms
 from dagger_orchestrate.plan import resolve
+from dagger_orchestrate.results import (
+    load_result,
+    result_key,
+    reusable,
+    table,
+    tabular,
+)
 from dagger_orchestrate.state import ExperimentState
 from dagger_orchestrate.storeref import StoreRef
 from dagger_orchestrate.usercode import class_path, source_hash
 from dagger_store.host import host
-from dagger_store.records import add_record
+from dagger_store.records import add_record, read_records
 
 if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from dagger_orchestrate.execute import Outcome
+    from dagger_orchestrate.function import Function
+    from dagger_orchestrate.graph import GraphNode
     from dagger_orchestrate.plan import NodeSpec
 
 
@@ -37,11 +51,19 @@ class StaleCodeWarning(UserWarning):
 
 @dataclass(frozen=True, slots=True)
 class FunctionResult:
+    """A Function's value on the node ``key``; ``result_key``: where the value is stored.
+
+    ``cached``: a stored result was reused (``Function(cache=True)``): the Function did not run,
+    and ``seconds`` are those its stored evaluation took.
+    """
+
     function: str
     key: ds.NodeKey
     tags: tuple[str, ...]
     value: Any
     seconds: float
+    cached: bool = False
+    result_key: ds.NodeKey | None = None
 
 
 @dataclass(frozen=True)
@@ -61,8 +83,9 @@ class RunReport:
         return (
             f"{len(self.executed)} executed, {len(self.cached)} cached, {len(self.waited)} "
             f"computed by another run, {len(self.failed)} failed, {len(self.skipped)} skipped, "
-            f"{len(self.results)} function results "
-            f"in {self.seconds:.2f} s"
+            f"{len(self.results)} function results"
+            + (f" ({reused} reused)" if (reused := sum(r.cached for r in self.results)) else "")
+            + f" in {self.seconds:.2f} s"
         )
 
 
@@ -174,6 +197,10 @@ class Experiment:
     ) -> RunReport:
         """Compute every missing node, then run every Function; return what happened.
 
+        Each Function's value is stored with its node (``FunctionResult.result_key``); a
+        ``Function(cache=True)`` whose result is stored already is not run again, and its
+        node's state is not loaded.
+
         Parameters
         ----------
         scheduler
@@ -195,26 +222,49 @@ class Experiment:
         plan = resolve(nodes, self.store)
         self._warn_stale(plan.cached)
         tags = self._definition.all_tags()
+        identities = {id(c.function): c.function.identity for c in self._calls}
         calls = [
-            CallSpec(i, c.function, c.promise.node, tags[c.promise.key])
+            CallSpec(
+                i, c.function, c.promise.node, tags[c.promise.key],
+                result_key(identities[id(c.function)], c.promise.key), identities[id(c.function)],
+            )
             for i, c in enumerate(self._calls)
+        ]  # fmt: skip
+        # One batched question for every call's stored result: cached Functions reuse theirs
+        # (no state loaded, nothing run); the others run, and store a value only where none is.
+        stored = self.store.manifests([c.result_key for c in calls]) if calls else {}
+        hits = reusable(
+            self.store,
+            {c.result_key: stored[c.result_key] for c in calls
+             if c.function.cache and c.result_key in stored},
+        )  # fmt: skip
+        reused = {
+            c.index: Returned(c.index, *hits[c.result_key], cached=True)
+            for c in calls
+            if c.function.cache and c.result_key in hits
+        }
+        to_run = [
+            replace(c, save=c.result_key not in stored) for c in calls if c.index not in reused
         ]
         terms = LeaseTerms(f"{host()}:{os.getpid()}:{uuid.uuid4().hex}",
                            lease_seconds, wait_timeout)  # fmt: skip
-        outcomes, returned = execute(plan, calls, self._ref, tags, terms, scheduler, progress)
+        outcomes, ran = execute(plan, to_run, self._ref, tags, terms, scheduler, progress)
+        by_index = reused | {c.index: r for c, r in zip(to_run, ran, strict=True)}
+        returned = [by_index[c.index] for c in calls]
         failed = [o for o in outcomes.values() if isinstance(o, Failed)]
         failures = [
             _describe_failure("", StatePromise(self._definition, self._nodes[o.key]), o)
             for o in failed
         ]
         results = []
-        for call, returned_or_not in zip(self._calls, returned, strict=True):
+        for call, spec, returned_or_not in zip(self._calls, calls, returned, strict=True):
             if isinstance(returned_or_not, Returned):
                 call.result = returned_or_not.value
                 results.append(
                     FunctionResult(
                         call.function.name, call.promise.key, call.tags,
                         returned_or_not.value, returned_or_not.seconds,
+                        returned_or_not.cached, spec.result_key,
                     )
                 )  # fmt: skip
             elif isinstance(returned_or_not, Failed):
@@ -232,7 +282,7 @@ class Experiment:
             timings={k: o.seconds for k, o in outcomes.items() if isinstance(o, Done)},
             seconds=time.perf_counter() - start,
         )
-        self._record_run(report)
+        self._record_run(report, outcomes)
         self._graph = None
         if failures:
             more = f" (and {len(failures) - 1} more failures)" if len(failures) > 1 else ""
@@ -273,17 +323,45 @@ class Experiment:
         ]
         calls = [{"function": c.function.name, "node": c.promise.key.hex} for c in self._calls]
         state_class = class_path(self.state_class) if self.state_class is not None else None
-        document = {"state_class": state_class, "nodes": nodes, "calls": calls}
+        properties = list(self.state_class.PROPERTIES) if self.state_class is not None else []
+        document = {
+            "state_class": state_class,
+            "state_properties": properties,
+            "nodes": nodes,
+            "calls": calls,
+        }
         add_record(self.store, self.name, "def", self._nodes, document)
 
-    def _record_run(self, report: RunReport) -> None:
+    def _record_run(self, report: RunReport, outcomes: Mapping[ds.NodeKey, Outcome]) -> None:
+        """What ran, per computed node its seconds and finish time, and per Function result
+        its key and tabular value; the result keys are the record's ``keys``, so garbage
+        collection keeps the stored results while the experiment exists."""
+        computed = [
+            {"node": k.hex, "seconds": o.seconds, "finished": o.finished}
+            for k, o in outcomes.items()
+            if isinstance(o, Done)
+        ]
+        results = [
+            {
+                "function": r.function,
+                "node": r.key.hex,
+                "result": r.result_key.hex if r.result_key is not None else None,
+                "value": tabular(r.value),
+                "seconds": r.seconds,
+                "cached": r.cached,
+            }
+            for r in report.results
+        ]
         document = {
             "seconds": report.seconds,
             "executed": [k.hex for k in report.executed],
             "cached": [k.hex for k in report.cached],
             "failed": [k.hex for k in report.failed],
+            "computed": computed,
+            "results": results,
         }
-        add_record(self.store, self.name, "run", (), document)
+        keys = dict.fromkeys(r.result_key for r in report.results if r.result_key is not None)
+        add_record(self.store, self.name, "run", keys, document)
 
     # -- analysis ------------------------------------------------------------------------------
 
@@ -293,6 +371,108 @@ class Experiment:
         if self._graph is None:
             self._graph = Graph.from_records(self.store, self.name, self.state_class)
         return self._graph
+
+    def results(self, provenance: bool = False) -> pd.DataFrame:
+        """The results table: a pandas DataFrame, one row per node, in graph order.
+
+        Built from the experiment's records (and, with ``provenance``, one small manifest per
+        node): no state is loaded. Columns, left to right:
+
+        - ``key`` (first 12 hex digits), ``label``, ``recipe`` (class name; None for a root),
+          ``depth``, ``tags`` (sorted, joined with ", ");
+        - ``<Class>.<property>`` for every property along the node's path, the root's arguments
+          included (``State.seed``, ``Train.lr``); a class occurring again on the path is
+          numbered from the root (``Prune.fraction``, ``Prune#2.fraction``); a node has NaN/None
+          in the columns of steps below it;
+        - ``<function>`` (``Function.name``): the Function's latest result on the node, a dict
+          result spread into ``<function>.<field>`` (``result.<function>`` where the name is
+          another column's already);
+        - ``seconds`` and ``created`` (UTC Timestamp): when a run of this experiment computed
+          the node, how long it took and when it finished (else NaN, NaT);
+        - with ``provenance=True``: ``provenance.<field>`` for each field of the node
+          manifest's provenance (nested dicts flattened with dots).
+
+        Property, Function and provenance columns come in the order they first appear going
+        down the table. ``graph.nodes.filter(...).results()`` gives the rows of some nodes.
+        """
+        return table(self.graph, provenance=provenance)
+
+    def plot(self, x: str, y: str, hue: str | None = None) -> Figure:
+        """A matplotlib Figure of column ``y`` against ``x`` of ``results()``, one colour per
+        value of ``hue`` (needs the ``plots`` extra: ``pip install 'dagger-lab[plots]'``)."""
+        return self.graph.plot(x, y, hue)
+
+    def report(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        color_by: str | None = None,
+        x: str | None = None,
+        y: str | None = None,
+        hue: str | None = None,
+    ) -> Path:
+        """Write the self-contained HTML report (tree coloured by ``color_by``, the results
+        table, a plot of ``y`` against ``x``) to ``path``; the path written.
+
+        Defaults as ``dagger-lab report``: the first numeric Function result colours the tree
+        and is plotted against the first varying numeric property.
+        """
+        from dagger_orchestrate.report import report_html  # matplotlib, if any, loads late
+
+        nodes = self.graph.nodes
+        page = report_html(
+            nodes,
+            nodes.results(),
+            title=self.name,
+            store_url=self.store.url,
+            color_by=color_by,
+            x=x,
+            y=y,
+            hue=hue,
+        )
+        target = Path(path)
+        target.write_text(page, encoding="utf-8")
+        return target
+
+    def load_result(
+        self, function: Function | str, node: StatePromise | GraphNode | ds.NodeKey | str
+    ) -> Any:
+        """A Function's stored result on ``node``, loaded from the store (whoever computed it).
+
+        ``function``: the Function (its current identity: name, version, source) or its name
+        (the result the latest run of this experiment recorded for it); ``node``: a promise,
+        a graph node, a NodeKey or a unique key prefix. KeyError if no such result is stored;
+        UntrustedError for a pickled result from a store that is not trusted.
+        """
+        if isinstance(node, str):
+            key = self.graph.node(node).key
+        else:
+            key = node if isinstance(node, ds.NodeKey) else node.key
+        if isinstance(function, str):
+            latest = next(
+                (
+                    entry["result"]
+                    for run in reversed(read_records(self.store, self.name, "run"))
+                    for entry in reversed(run.get("results", ()))
+                    if entry["function"] == function and entry["node"] == key.hex
+                ),
+                None,
+            )
+            if latest is None:
+                raise KeyError(
+                    f"no run of {self.name} recorded a result of {function} on node {key.hex[:12]}"
+                )
+            target = ds.NodeKey(latest)
+        else:
+            target = result_key(function.identity, key)
+        try:
+            return load_result(self.store, target)
+        except ds.NotFoundError:
+            raise KeyError(
+                f"no stored result of {function if isinstance(function, str) else function.name}"
+                f" on node {key.hex[:12]} in {self.store.url} (result key {target.hex[:12]}): "
+                "it has not run on this node with this source and version"
+            ) from None
 
     @classmethod
     def restore(
@@ -304,14 +484,18 @@ class Experiment:
         storage_options: Mapping[str, Any] | None = None,
         cache_dir: str | bool = True,
         trust: bool | None = None,
+        state_class: type[ExperimentState] | None = None,
     ) -> Experiment:
         """Reopen an experiment folder for analysis; ``slim=False`` also loads every state.
 
-        The store is the experiment's own, unless ``store`` says where it moved.
+        The store is the experiment's own, unless ``store`` says where it moved. States restore
+        as the class the records name, imported (from a trusted store), or as ``state_class``
+        when given: for a class that cannot be imported here, such as one defined in the
+        training script (a ``StandInWarning`` says so when a stand-in is used instead).
         """
         exp = cls(
             path,
-            None,
+            state_class,
             store=store,
             storage_options=storage_options,
             cache_dir=cache_dir,

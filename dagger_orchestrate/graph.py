@@ -10,6 +10,7 @@ import fnmatch
 import importlib
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, overload
 
@@ -20,6 +21,8 @@ from dagger_store.records import read_records
 
 if TYPE_CHECKING:
     import graphviz
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 
 class GraphNode:
@@ -50,10 +53,19 @@ class GraphNode:
             depth, node = depth + 1, node.parent
         return depth
 
-    def restore(self) -> ExperimentState:
-        """Load this node's full state from the store (a fresh copy each call)."""
+    def restore(self, attributes: Iterable[str] | None = None) -> ExperimentState:
+        """Load this node's state from the store (a fresh copy each call).
+
+        ``attributes``: load only these (e.g. ``["model"]``); default: every stored attribute.
+        MissingClassError if an attribute's object needs a class not importable here (the error
+        names node, attribute and class; ``error.state`` has the other attributes).
+        """
         return load_state(
-            self.graph.store, self.key, self.graph.state_class, tuple(sorted(self.tags))
+            self.graph.store,
+            self.key,
+            self.graph.state_class,
+            tuple(sorted(self.tags)),
+            attributes,
         )
 
     def __repr__(self) -> str:
@@ -113,6 +125,31 @@ class NodeSet(Sequence[GraphNode]):
     def __iter__(self) -> Iterator[GraphNode]:
         return iter(self._nodes)
 
+    def results(self, provenance: bool = False) -> pd.DataFrame:
+        """The results table of these nodes, one row each, in graph order: the columns of
+        ``Experiment.results`` (documented there and in ``dagger_orchestrate.results``)."""
+        from dagger_orchestrate.results import table
+
+        return table(self._graph, self, provenance=provenance)
+
+    def plot(self, x: str, y: str, hue: str | None = None) -> Figure:
+        """A matplotlib figure of column ``y`` against column ``x`` of ``results()``.
+
+        Lines per ``hue`` group where x is numeric and distinct within the group, else points;
+        see ``dagger_orchestrate.plots.plot``. Needs matplotlib: ``pip install
+        'dagger-lab[plots]'`` (ImportError otherwise).
+        """
+        from dagger_orchestrate.plots import plot, require_matplotlib
+
+        require_matplotlib("NodeSet.plot")
+        return plot(self.results(), x, y, hue)
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter's view: the results table of these nodes (sortable by its headers)."""
+        from dagger_orchestrate.report import notebook_html
+
+        return notebook_html(self, tree=False)
+
     def __repr__(self) -> str:
         return f"NodeSet({list(self._nodes)})"
 
@@ -120,9 +157,12 @@ class NodeSet(Sequence[GraphNode]):
 class Graph:
     """The tree(s) of an experiment."""
 
-    def __init__(self, store: ds.Store, state_class: type[ExperimentState]) -> None:
+    def __init__(
+        self, store: ds.Store, state_class: type[ExperimentState], experiment: str | None = None
+    ) -> None:
         self.store = store
         self.state_class = state_class
+        self.experiment = experiment  # whose records it was built from (for results())
         self._by_key: dict[ds.NodeKey, GraphNode] = {}
         self._order: list[GraphNode] = []
 
@@ -132,16 +172,8 @@ class Graph:
     ) -> Graph:
         definitions = read_records(store, experiment, "def")
         if state_class is None:
-            names = [d["state_class"] for d in definitions if d.get("state_class")]
-            # Importing runs a module's code, and records are not signed: import only from a
-            # trusted store; elsewhere states come back as a stand-in of the same name.
-            if not names:
-                state_class = ExperimentState
-            elif store.trusted:
-                state_class = _import_class(names[-1])
-            else:
-                state_class = _stand_in(names[-1])
-        graph = cls(store, state_class)
+            state_class = _recorded_state_class(store, definitions)
+        graph = cls(store, state_class, experiment)
         parents: dict[ds.NodeKey, ds.NodeKey | None] = {}
         tags: dict[ds.NodeKey, set[str]] = {}
         for definition in definitions:
@@ -218,17 +250,72 @@ class Graph:
                     stack.append((node.children[i], *branch))
         return "\n".join(lines)
 
-    def draw(self, path: str | None = None) -> graphviz.Digraph:
+    def plot(self, x: str, y: str, hue: str | None = None) -> Figure:
+        """A matplotlib figure of column ``y`` against column ``x`` of the results table.
+
+        Parameters
+        ----------
+        x
+            The horizontal axis: numeric (lines per ``hue`` group where x values are distinct
+            within the group, else points; a log scale when positive and spanning at least two
+            orders of magnitude) or categorical (points).
+        y
+            The vertical axis; a numeric column.
+        hue
+            A column splitting the rows into series, each with its colour and legend entry.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            Shows inline in Jupyter; ``fig.savefig("plot.png")`` writes it.
+
+        Raises
+        ------
+        ImportError
+            matplotlib is missing: ``pip install 'dagger-lab[plots]'``.
+        """
+        return self.nodes.plot(x, y, hue)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the tree coloured by the first numeric result, and the table."""
+        from dagger_orchestrate.report import notebook_html
+
+        return notebook_html(self.nodes, tree=True) or ""
+
+    def draw(self, path: str | None = None, *, color_by: str | None = None) -> graphviz.Digraph:
         """A ``graphviz.Digraph`` (shows inline in Jupyter); with ``path``, also render it there.
 
         Rendering needs Graphviz's ``dot`` program; the Digraph itself does not.
+
+        ``color_by`` fills the nodes, with a legend: by a column of the results table (a
+        viridis scale from its minimum to its maximum for numbers, the value shown in the box;
+        a colour per value otherwise), or by tags, ``"tag:GLOB"`` (e.g. ``"tag:lr:*"``: a
+        colour per set of matching tags). Nodes without a value are white, dashed grey.
         """
         import graphviz
 
         dot = graphviz.Digraph("experiment", graph_attr={"rankdir": "TB"})
+        colors = None
+        if color_by is not None:
+            from dagger_orchestrate.report import coloring, graphviz_legend, graphviz_style
+
+            results = None if color_by.startswith("tag:") else self.nodes.results()
+            colors = coloring(self._order, results, color_by)
+            legend = graphviz_legend(colors)
+            if legend is not None:
+                with dot.subgraph(name="cluster_legend") as box:
+                    box.attr(label="", style="rounded", color="#bbbbbb")
+                    box.node("legend", legend, shape="plaintext")
         for node in self._order:
             tags = f"\n[{', '.join(sorted(node.tags))}]" if node.tags else ""
-            dot.node(node.key.hex, f"{node.label}{tags}\n{node.key.hex[:12]}", shape="box")
+            label = f"{node.label}{tags}\n{node.key.hex[:12]}"
+            if colors is None:
+                dot.node(node.key.hex, label, shape="box")
+            else:
+                short = node.key.hex[:12]
+                if colors.kind == "scale" and short in colors.shown:
+                    label += f"\n{colors.by} = {colors.shown[short]}"
+                dot.node(node.key.hex, label, shape="box", **graphviz_style(colors, short))
             if node.parent is not None:
                 dot.edge(node.parent.key.hex, node.key.hex)
         if path is not None:
@@ -251,19 +338,63 @@ def _preorder(root: GraphNode) -> Iterator[GraphNode]:
         stack.extend(reversed(node.children))
 
 
+class StandInWarning(UserWarning):
+    """The experiment's state class cannot be imported: states restore onto a stand-in."""
+
+
+def _recorded_state_class(
+    store: ds.Store, definitions: list[dict[str, Any]]
+) -> type[ExperimentState]:
+    """The state class the records name; a stand-in of that name where it cannot be imported.
+
+    Importing runs a module's code, and records are not signed: a class is imported only from a
+    trusted store; elsewhere states come back as a stand-in, silently (that is the rule).
+    """
+    named = [d for d in definitions if d.get("state_class")]
+    if not named:
+        return ExperimentState
+    path: str = named[-1]["state_class"]
+    properties = named[-1].get("state_properties")
+    if properties is None:  # written before state_properties were recorded: the root's arguments
+        roots = [n for n in named[-1]["nodes"] if n["parent"] is None]
+        properties = list(roots[0]["properties"]) if roots else []
+    if not store.trusted:
+        return _stand_in(path, properties)
+    try:
+        return _import_class(path)
+    except ImportError as exc:
+        module = path.rpartition(".")[0]
+        where = (
+            "it was defined in a script run as __main__"
+            if module == "__main__"
+            else f"module {module!r} is not importable here"
+        )
+        warnings.warn(
+            f"the state class {path} cannot be imported ({where}: {exc}); states restore onto a "
+            "stand-in class of that name that carries every stored attribute and its "
+            f"PROPERTIES {list(properties)}. For the real class, pass it: "
+            "Experiment.restore(path, state_class=...), or make its module importable "
+            "(PYTHONPATH, or install the package)",
+            StandInWarning,
+            stacklevel=4,
+        )
+        return _stand_in(path, properties)
+
+
 def _import_class(path: str) -> type[ExperimentState]:
     module, _, qualname = path.rpartition(".")
-    try:
-        found: Any = importlib.import_module(module)
-        for part in qualname.split("."):
+    found: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        try:
             found = getattr(found, part)
-        if isinstance(found, type) and issubclass(found, ExperimentState):
-            return found
-    except (ImportError, AttributeError):
-        pass
-    return _stand_in(path)  # defined in a script (__main__), or gone
+        except AttributeError:
+            raise ImportError(f"{module!r} has no {qualname!r}") from None
+    if not (isinstance(found, type) and issubclass(found, ExperimentState)):
+        raise ImportError(f"{path} is not an ExperimentState subclass")
+    return found
 
 
-def _stand_in(path: str) -> type[ExperimentState]:
+def _stand_in(path: str, properties: Sequence[str]) -> type[ExperimentState]:
     """A class of the same name to restore attributes onto, when the real one is not at hand."""
-    return type(path.rsplit(".", 1)[-1], (ExperimentState,), {})
+    namespace = {"PROPERTIES": tuple(properties), "__module__": path.rpartition(".")[0]}
+    return type(path.rsplit(".", 1)[-1], (ExperimentState,), namespace)

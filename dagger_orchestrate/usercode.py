@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 
 def class_path(cls: type) -> str:
@@ -11,18 +15,32 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def source_hash(cls: type) -> str:
-    """A hash of the class's source, to warn when cached results came from other code.
+def function_path(fn: Callable[..., Any]) -> str:
+    """``module.qualname`` of a function; for a callable object without a name, its class's."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if isinstance(module, str) and isinstance(qualname, str):
+        return f"{module}.{qualname}"
+    return class_path(type(fn))
 
-    Cached per class: ``inspect.getsource`` parses the whole module (10-25 ms) on every call.
+
+def source_hash(code: type | Callable[..., Any]) -> str:
+    """A hash of a class's or function's source ("" when it has none), to notice it changed.
+
+    Cached per object: ``inspect.getsource`` parses the whole module (10-25 ms) on every call.
+    The cache holds its objects weakly, so functions defined on the fly do not pile up.
     """
-    if cls not in _source_hashes:
-        try:
-            text = inspect.getsource(cls)
-        except (OSError, TypeError):
-            text = ""
-        _source_hashes[cls] = hashlib.sha256(text.encode()).hexdigest()[:16] if text else ""
-    return _source_hashes[cls]
+    try:
+        return _source_hashes[code]
+    except (KeyError, TypeError):  # TypeError: an object that cannot be weakly referenced
+        pass
+    try:
+        text = inspect.getsource(code)
+    except (OSError, TypeError):
+        text = ""
+    found = hashlib.sha256(text.encode()).hexdigest()[:16] if text else ""
+    with contextlib.suppress(TypeError):
+        _source_hashes[code] = found
+    return found
 
 
-_source_hashes: dict[type, str] = {}
+_source_hashes: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()

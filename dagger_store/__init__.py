@@ -14,6 +14,7 @@ Other storage plugs in by URL scheme: ``ds.register_backend("labfs", opener)``, 
 entry point in the group ``dagger_store.backends`` (see ``dagger_store.registry``).
 """
 
+from dagger_store.content import Dir, File
 from dagger_store.digest import LEAF_SIZE, Digest
 from dagger_store.errors import (
     BackendError,
@@ -41,6 +42,8 @@ __all__ = [
     "BackendError",
     "Commit",
     "Digest",
+    "Dir",
+    "File",
     "FormatError",
     "IncompleteManifestError",
     "IntegrityError",

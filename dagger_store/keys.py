@@ -6,6 +6,11 @@ or PYTHONHASHSEED. Each value is written as a one-byte type tag followed by a se
 body, so different kinds of values never collide (``1`` vs ``1.0`` vs ``True`` vs ``"1"``,
 ``[1]`` vs ``(1,)``, ``np.float32(1)`` vs ``np.float64(1)`` vs ``1.0``).
 
+A ``File`` or ``Dir`` (``dagger_store.content``) is encoded by its content, never its path:
+tag ``C``, then its kind (``"file"``/``"dir"``), the digest's algorithm (``"blake3"``,
+``"blake3-dir"``, ``"s3-etag"``, ``"s3-etag-dir"``) and the digest, each a tagged str, then the
+size in bytes. A new tag for a new kind of value changes no existing key.
+
 A value with no deterministic encoding (a lambda, an arbitrary object, an int subclass whose
 meaning the encoding would drop) is refused with an error naming where it was and its type,
 never guessed at: a wrong guess is a silent cache miss, or worse, a wrong hit.
@@ -25,6 +30,7 @@ from typing import Any
 
 from blake3 import blake3
 
+from dagger_store.content import Dir, File
 from dagger_store.digest import HEX, Digest
 from dagger_store.errors import InvalidKeyError, UnencodableValueError
 
@@ -56,7 +62,7 @@ def node_key(kind: str, fields: Mapping[str, Any]) -> NodeKey:
         key even when their fields are equal.
     fields
         Field name to value; values may nest lists, tuples, dicts, sets, numpy scalars and
-        arrays, NodeKeys and Digests.
+        arrays, NodeKeys, Digests, and Files and Dirs (by content).
     """
     if not isinstance(kind, str) or not kind:
         raise InvalidKeyError(f"node key kind must be a non-empty str, got {kind!r}")
@@ -113,11 +119,22 @@ def _encode(value: Any, path: str, out: bytearray) -> None:
         out += b"K" + bytes.fromhex(value.hex)
     elif kind is Digest:
         out += b"D" + bytes.fromhex(value.hex) + _length(value.size)
+    elif kind is File or kind is Dir:
+        # Content, not path: the same data at another path (or machine) is the same value.
+        out += b"C"
+        for text in (value.kind, value.algorithm, value.digest):
+            _encode(text, path, out)
+        out += _length(value.size)
     else:
+        hint = (
+            " (for data, File(path) or Dir(path) stand for their content)"
+            if hasattr(value, "__fspath__")
+            else ""
+        )
         raise UnencodableValueError(
             f"{path} is a {_type_name(value)}, which has no deterministic encoding for a node "
             "key; use None, bool, int, float, str, bytes, list, tuple, dict, set, or numpy "
-            "scalars and arrays (or convert it, e.g. to a str or a dict of those)",
+            f"scalars and arrays (or convert it, e.g. to a str or a dict of those){hint}",
             path=path,
             value_type=_type_name(value),
         )

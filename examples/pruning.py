@@ -2,33 +2,48 @@
 
 A small numpy MLP is trained on scikit-learn's bundled digits (1797 8x8 images, no download) at
 three learning rates; each trained model is pruned to 50 % and 80 % sparsity and fine-tuned, and
-every state is evaluated. Then the stored tree is analysed as in the paper.
+every state is evaluated. Then the stored tree is analysed as in the paper, and the sweep ends as
+a results table and a shareable HTML report.
+
+The data set enters the tree by content (``dg.File``/``dg.Dir``): the digits are written to
+``demo-data/digits/`` as .npy files, and changing them would recompute the tree.
 
 Run: ``make demo``, or ``python examples/pruning.py [EXPERIMENT_DIR] [--fresh]`` (default
-``./demo-experiment``). Run it twice: the second run executes no recipe, it only re-evaluates.
+``./demo-experiment``). Run it twice: the second run executes nothing, not even the
+evaluations (``cache=True``): it reads their stored results.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 from sklearn.datasets import load_digits
 
 import dagger_orchestrate as dg
+from dagger_orchestrate.results import text_table
 from dagger_store.records import read_records
 
 # -- the user's own ML code: plain numpy, nothing dagger-specific -----------------------------
 
 
-def get_data(dataset_name, seed):
-    """(train, eval): dicts of arrays, a seeded 80/20 split of the digits."""
+def write_digits(folder):
+    """The digits as two .npy files (deterministic bytes: rewriting them changes no digest)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y = load_digits(return_X_y=True)
+    np.save(folder / "x.npy", (x / 16.0).astype(np.float32))  # pixel intensities are 0..16
+    np.save(folder / "y.npy", y.astype(np.int64))
+    return folder
+
+
+def get_data(dataset_name, folder, seed):
+    """(train, eval): dicts of arrays, a seeded 80/20 split of the data set in ``folder``."""
     if dataset_name != "digits":
         raise ValueError(f"unknown data set {dataset_name!r}")
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)  # pixel intensities are 0..16
+    x, y = np.load(Path(folder) / "x.npy"), np.load(Path(folder) / "y.npy")
     order = np.random.default_rng(seed).permutation(len(y))
     cut = int(0.8 * len(y))
     return [{"x": x[part], "y": y[part]} for part in (order[:cut], order[cut:])]
@@ -78,11 +93,11 @@ def sparsity(model):
 
 
 class State(dg.ExperimentState):
-    PROPERTIES = ["dataset_name", "model_name", "seed"]
+    PROPERTIES = ["dataset_name", "data", "model_name", "seed"]
     NONHASHED_ATTRIBUTES = ["train_data", "eval_data", "model"]
 
     def initialize_state(self, **kwargs):
-        self.train_data, self.eval_data = get_data(self.dataset_name, self.seed)
+        self.train_data, self.eval_data = get_data(self.dataset_name, self.data, self.seed)
         self.model = get_model(self.model_name, self.seed)
 
 
@@ -118,11 +133,9 @@ class PruneRecipe(dg.Recipe):
         return state
 
 
-@dg.Function
-def eval_fn(state):
-    acc = accuracy(state.model, state.eval_data)
-    print(f"Experiment: {state.tags}, Accuracy: {acc:.4f}")
-    return acc
+@dg.Function(cache=True)  # a stored result for this node is reused: the state is not loaded
+def evaluate(state):
+    return {"accuracy": accuracy(state.model, state.eval_data), "sparsity": sparsity(state.model)}
 
 
 def main():
@@ -133,67 +146,71 @@ def main():
     path = Path(args.path)
     if args.fresh:
         shutil.rmtree(path, ignore_errors=True)
+    data = dg.Dir(write_digits(path.parent / "demo-data" / "digits"))
 
     exp = dg.Experiment(path, state_class=State)
-    root = exp.spawn_new_tree(dataset_name="digits", model_name="mlp", seed=0)
-    cell = {}  # node key -> (row, column) of the accuracy table printed below
+    root = exp.spawn_new_tree(dataset_name="digits", data=data, model_name="mlp", seed=0)
     # A recipe is a value: one instance can be applied to many states.
     prune_50 = PruneRecipe(pruning_technique="lowest_magnitude", pruning_fraction=0.5)
     prune_80 = PruneRecipe(pruning_technique="lowest_magnitude", pruning_fraction=0.8)
     for lr in [0.01, 0.1, 0.5]:
         with exp.tag(f"lr:{lr}"):
-            trained = TrainRecipe(nb_epochs=10, lr=lr)(root)
-            eval_fn(trained)
-            with exp.tag("pruned"):
+            with exp.tag("trained"):
+                trained = TrainRecipe(nb_epochs=10, lr=lr)(root)
+                evaluate(trained)
+            with exp.tag("pruned", "pruned:50%"):
                 pruned = prune_50(trained)
-                eval_fn(pruned)
+                evaluate(pruned)
+            with exp.tag("pruned", "pruned:80%"):
                 pruned_more = prune_80(pruned)  # 80 % of each layer, the first 50 % included
-                eval_fn(pruned_more)
+                evaluate(pruned_more)
                 with exp.tag("finetuned"):
-                    finetuned = TrainRecipe(nb_epochs=3, lr=lr)(pruned_more)
-                    eval_fn(finetuned)
-        for node, column in [(trained, 0), (pruned, 1), (pruned_more, 2), (finetuned, 3)]:
-            cell[node.key] = (lr, column)
+                    evaluate(TrainRecipe(nb_epochs=3, lr=lr)(pruned_more))
 
     report = exp.run()
-
-    columns = ["trained", "pruned 50%", "pruned 80%", "80% + fine-tune"]
-    table = {}
-    for result in report.results:
-        row, column = cell[result.key]
-        table.setdefault(row, [None] * len(columns))[column] = result.value
-    print("\naccuracy on the held-out 20 % of the digits")
-    print(f"{'lr':<6}" + "".join(f"{name:>17}" for name in columns))
-    for row, values in table.items():
-        print(f"{row:<6}" + "".join(f"{value:>17.4f}" for value in values))
-
-    print(f"\n{report}")
     runs = len(read_records(exp.store, exp.name, "run"))  # one record per exp.run()
     nth = {1: "first", 2: "second", 3: "third"}.get(runs, f"{runs}th")
-    print(f"{nth} run: {len(report.executed)} nodes executed, {len(report.cached)} cached")
+    print(f"{nth} run: {report}")
 
     # -- analysis, as in the paper: reopen the experiment; no state is loaded until restore() --
-    exp = dg.Experiment.restore(path, slim=True)
+    exp = dg.Experiment.restore(path, slim=True, state_class=State)
     print(f"\n{exp.graph}\n")
-    s = exp.graph.nodes.filter("pruned") & exp.graph.nodes.filter("lr:0.1")
-    state = s[0].restore()
+    s = exp.graph.nodes.filter("pruned:50%") & exp.graph.nodes.filter("lr:0.1")
+    state = s[0].restore(attributes=["model", "eval_data"])  # only what the check needs
     print(f"s[0] = {s[0]}")
     print(
         f"  restored: sparsity {sparsity(state.model):.0%}, "
         f"accuracy {accuracy(state.model, state.eval_data):.4f}"
     )
 
-    dot = exp.graph.draw()  # a graphviz.Digraph: needs Graphviz's `dot` program only to render
-    (path / "graph.dot").write_text(dot.source)
-    print(f"\ngraph source: {path / 'graph.dot'}")
-    if shutil.which("dot"):
-        exp.graph.draw(str(path / "graph.svg"))
-        print(f"graph drawing: {path / 'graph.svg'}")
-    else:
-        print(
-            "graph drawing: skipped, Graphviz's `dot` is not installed (apt-get install "
-            "graphviz, brew install graphviz or conda install graphviz)"
+    # -- the result: one row per node, every property on its path, every evaluation ----------
+    table = exp.results()
+    columns = {
+        "key": "key",
+        "tags": "tags",
+        "TrainRecipe.lr": "lr",
+        "PruneRecipe.pruning_fraction": "prune",
+        "PruneRecipe#2.pruning_fraction": "prune again",
+        "TrainRecipe#2.nb_epochs": "fine-tune epochs",
+        "evaluate.accuracy": "accuracy",
+        "evaluate.sparsity": "sparsity",
+    }
+    shown = table[[c for c in columns if c in table.columns]].rename(columns=columns)
+    print("accuracy on the held-out 20 % of the digits, per node:")
+    print(text_table(shown.iloc[1:]))  # the untrained root is not evaluated
+    best = table.loc[table["evaluate.accuracy"].idxmax()]
+    print(f"\nbest: {best['label']} [{best['tags']}], accuracy {best['evaluate.accuracy']:.4f}")
+
+    with warnings.catch_warnings():  # matplotlib is an extra: the report says so if it is absent
+        warnings.simplefilter("ignore")
+        written = exp.report(
+            path / "report.html",
+            color_by="evaluate.accuracy",
+            x="TrainRecipe.lr",
+            y="evaluate.accuracy",
+            hue="depth",  # 1 trained, 2 pruned 50 %, 3 pruned 80 %, 4 fine-tuned
         )
+    print(f"report (tree coloured by accuracy, sortable table, plot): {written}")
 
 
 if __name__ == "__main__":

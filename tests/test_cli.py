@@ -152,3 +152,27 @@ def test_long_operations_show_progress_only_on_a_terminal(lab: tuple) -> None:
     assert done.returncode == 0 and b"verify" in shown and b"\x1b[K" in shown
     piped = subprocess.run([script, "--store", store, "verify"], capture_output=True)
     assert piped.returncode == 0 and piped.stderr == b""  # not a terminal: no status line
+
+
+def test_the_cli_takes_the_experiment_folder_a_user_has_in_hand(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DAGGER_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    exp = dg.Experiment("exp_sync", state_class=State)  # an embedded store: exp_sync/store
+    Train(nb_epochs=1, lr=0.1)(exp.spawn_new_tree(dataset_name="digits", seed=0))
+    exp.run()
+    assert exp.name != "exp_sync"  # the real name carries a hash of the path
+    for argv in (
+        ("--store", "exp_sync", "tree", "exp_sync"),  # the folder for both
+        ("--store", "exp_sync", "tree", exp.name),
+        ("--store", "exp_sync/store", "tree", "exp_sync"),
+        ("tree", "exp_sync"),  # no store at all: the folder knows it
+    ):
+        code, out, err = run(capsys, *argv)
+        assert (code, err) == (0, ""), argv
+        assert len(out.splitlines()) == 2 and out.count("cached") == 2, argv
+    code, _, err = run(capsys, "--store", "exp_sync", "tree", "no-such")
+    assert code == 3 and "no experiment 'no-such'" in err and "folder" in err
+    code, _, err = run(capsys, "tree", "not-a-folder")
+    assert code == 2 and "no store" in err

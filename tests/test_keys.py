@@ -209,3 +209,74 @@ def test_digest_value_validates_and_round_trips() -> None:
             ds.Digest.parse(bad)
     with pytest.raises(ds.InvalidKeyError):
         ds.Digest("blake3", "0" * 64, -1)
+
+
+def golden_content(root: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Cases with a File and a Dir over fixed content made under ``root`` (not part of a key)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.npy").write_bytes(b"dagger golden file\n" * 3)
+    folder = root / "digits"
+    (folder / "train").mkdir(parents=True)
+    (folder / "empty").mkdir()
+    (folder / "labels.csv").write_bytes(b"label\n0\n1\n")
+    (folder / "train" / "0.bin").write_bytes(bytes(range(256)))
+    data, digits = ds.File(root / "train.npy"), ds.Dir(folder)
+    return {
+        "file": ("value", {"file": data}),
+        "dir": ("value", {"dir": digits}),
+        "state_with_data": (
+            "state",
+            {"class": "State", "arguments": {"data": data, "dataset_name": "digits"}},
+        ),
+    }
+
+
+GOLDEN_CONTENT_DIGESTS = {  # BLAKE3 of the file's bytes (b3sum agrees); the Dir's record
+    "file": ("blake3", "addaf9b4bbc315723431df3ba633d7aac80e815a55a5ceedd450e339b819c4cc", 57),
+    "dir": ("blake3-dir", "3c9d5ecaf91d6e650c57bad2b60d3d7f56147884635f3a79b4bff85923d45039", 266),
+}
+
+GOLDEN_CONTENT_KEYS = {
+    "file": "b35dd347d3ba413e8f776ef4fd458d005aed91c11b3d983e69506c42b9176a95",
+    "dir": "2cc22c13fcd53a992b1927c8dd714df7f2476c3eaef599d8ce8389ca6961e07b",
+    "state_with_data": "690bc630f9910f8127ea429461f1e53b6192779eb53736853aaf66f5417fef97",
+}
+
+
+def test_golden_content_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DAGGER_CACHE_DIR", str(tmp_path / "cache"))
+    cases = golden_content(tmp_path / "data")
+    for name, (kind, fields) in cases.items():
+        assert ds.node_key(kind, fields).hex == GOLDEN_CONTENT_KEYS[name], name
+    for name in ("file", "dir"):
+        value = cases[name][1][name]
+        assert (value.algorithm, value.digest, value.size) == GOLDEN_CONTENT_DIGESTS[name]
+
+
+def test_content_keys_are_equal_across_processes_and_hash_seeds(tmp_path: Path) -> None:
+    script = tmp_path / "content_keys.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from pathlib import Path
+            sys.path.insert(0, sys.argv[1])
+            from test_keys import golden_content
+            import dagger_store as ds
+            for name, (kind, fields) in sorted(golden_content(Path(sys.argv[2])).items()):
+                print(name, ds.node_key(kind, fields).hex)
+            """
+        )
+    )
+    outputs = set()
+    for seed in ("0", "1", "random"):
+        root = tmp_path / f"seed-{seed}"  # another place each time: paths are not identity
+        root.mkdir()
+        env = {**os.environ, "PYTHONHASHSEED": seed, "DAGGER_CACHE_DIR": str(tmp_path / "cache")}
+        done = subprocess.run(
+            [sys.executable, str(script), str(Path(__file__).parent), str(root)],
+            env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        outputs.add(done.stdout)
+    assert len(outputs) == 1
+    assert dict(line.split() for line in outputs.pop().splitlines()) == GOLDEN_CONTENT_KEYS

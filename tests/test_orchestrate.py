@@ -85,7 +85,10 @@ def test_definition_is_lazy_and_keys_are_known_up_front(tmp_path: Path) -> None:
     assert all(isinstance(p.key, ds.NodeKey) for p in tree.values())
     report = exp.run()
     assert set(report.executed) == {p.key for p in tree.values()}
-    assert set(exp.store.manifest_keys()) == {p.key for p in tree.values()}
+    # The nodes, and (issue 8) each Function call's stored result: nothing else.
+    nodes = {p.key for p in tree.values()}
+    assert set(exp.store.manifest_keys()) == nodes | {r.result_key for r in report.results}
+    assert len(report.results) == 4 and {r.key for r in report.results} <= nodes
 
 
 def test_tags_are_not_identity(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ from dagger_store import pins
 def test_dagger_store_public_names() -> None:
     assert sorted(dagger_store.__all__) == sorted(
         [
-            "KEY_SCHEMA", "LEAF_SIZE", "BackendError", "Commit", "Digest", "FormatError",
+            "KEY_SCHEMA", "LEAF_SIZE", "BackendError", "Commit", "Digest", "Dir", "File",
+            "FormatError",
             "IncompleteManifestError", "IntegrityError", "InvalidKeyError", "LabKey", "Manifest",
             "NodeKey", "NotFoundError", "PinExistsError", "Store", "StoreError", "StoreOpenError",
             "UnencodableValueError", "UntrustedError", "VerifyReport", "canonical_encode",
@@ -42,9 +43,11 @@ def test_errors_form_one_tree_with_fitting_builtins() -> None:
 def test_dagger_orchestrate_public_names() -> None:
     assert sorted(dagger_orchestrate.__all__) == sorted(
         [
-            "Experiment", "ExperimentState", "Function", "FunctionCall", "FunctionResult",
-            "Graph", "GraphNode", "NodeSet", "Recipe", "RunError", "RunReport",
-            "StaleCodeWarning", "StatePromise", "register_codec", "register_scheduler",
+            "Dir", "Experiment", "ExperimentState", "File", "Function", "FunctionCall",
+            "FunctionResult",
+            "Graph", "GraphNode", "MissingClassError", "NodeSet", "Recipe", "RunError",
+            "RunReport", "StaleCodeWarning", "StandInWarning", "StatePromise", "register_codec",
+            "register_scheduler",
         ]
     )  # fmt: skip
     for name in dagger_orchestrate.__all__:

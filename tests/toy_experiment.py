@@ -117,3 +117,35 @@ def sparsity(state: State) -> float:
 @dg.Function
 def history(state: State) -> tuple[tuple[str, ...], list[str]]:
     return state.tags, list(state.history)
+
+
+@dg.Function(cache=True)
+def cached_sparsity(state: State) -> float:
+    """Like ``sparsity``, but a stored result is reused; logs (RUNS, $DAGGER_TEST_LOG) each run."""
+    RUNS.append("cached_sparsity")
+    _log("cached_sparsity")
+    return float(sparsity.fn(state))
+
+
+@dg.Function
+def weight_stats(state: State) -> dict[str, Any]:
+    """A dict of numpy values: spread into columns by the results table, stored without pickle."""
+    weights = np.concatenate([w.ravel() for w in state.model.values()])
+    return {
+        "zeros": np.int64((weights == 0).sum()),
+        "mean": np.float32(np.abs(weights).mean()),
+        "first": weights[:3].copy(),
+        "epochs": len(state.history),
+    }
+
+
+class Verdict:
+    """An object result: stored with pickle, so it loads only from a trusted store."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+@dg.Function
+def verdict(state: State) -> Verdict:
+    return Verdict(f"{len(state.history)} steps")
