@@ -21,6 +21,8 @@ from typing import Any
 import dagger_store as ds
 from dagger_orchestrate.folder import MARKER as FOLDER_MARKER
 from dagger_orchestrate.folder import Folder, absolute, is_url, open_folder
+from dagger_orchestrate.graph import Graph
+from dagger_orchestrate.state import ExperimentState
 from dagger_store.layout import OBJECTS
 from dagger_store.records import experiments, read_records
 from dagger_store.units import format_bytes
@@ -155,8 +157,9 @@ def _experiment_folder(location: str) -> Folder | None:
     return open_folder(absolute(location), {}, store=None, name=None, create=False)
 
 
-def _graph(store: ds.Store, name: str) -> Any:
-    from dagger_orchestrate.graph import Graph
+def _graph(store: ds.Store, name: str) -> Graph:
+    """The experiment's graph, from its records. No command loads a state, so none imports the
+    state class either (importing would run the experiment's code)."""
 
     if name not in experiments(store) and (folder := _experiment_folder(name)) is not None:
         name = folder.name  # EXP may be the experiment's folder as well as its name
@@ -166,7 +169,7 @@ def _graph(store: ds.Store, name: str) -> Any:
             "folder",
             key=name,
         )
-    return Graph.from_records(store, name, None)
+    return Graph.from_records(store, name, ExperimentState)
 
 
 def _tree(store: ds.Store, args: Any) -> int:
@@ -314,18 +317,9 @@ def _draw(store: ds.Store, args: Any) -> int:
 
 
 def _results(store: ds.Store, args: Any) -> int:
-    from dagger_orchestrate.graph import Graph
     from dagger_orchestrate.results import table, text_table
-    from dagger_orchestrate.state import ExperimentState
 
-    name = args.experiment
-    known = experiments(store)
-    if name not in known and (folder := _experiment_folder(name)) is not None:
-        name = folder.name
-    if name not in known:
-        _graph(store, name)  # raises the NotFoundError that says what EXP may be
-    # The table needs no state class: import none (importing runs the experiment's code).
-    graph = Graph.from_records(store, name, ExperimentState)
+    graph = _graph(store, args.experiment)
     frame = table(graph, graph.nodes.filter(*args.filter))
     if args.format == "csv":
         print(frame.to_csv(index=False), end="")
@@ -334,27 +328,19 @@ def _results(store: ds.Store, args: Any) -> int:
     elif len(frame):
         print(text_table(frame))
     else:
-        print(f"no nodes in {name}" + (f" match {' '.join(args.filter)}" if args.filter else ""))
+        matching = f" match {' '.join(args.filter)}" if args.filter else ""
+        print(f"no nodes in {graph.experiment}{matching}")
     return OK
 
 
 def _report(store: ds.Store, args: Any) -> int:
-    from dagger_orchestrate.graph import Graph
     from dagger_orchestrate.plots import require_matplotlib
     from dagger_orchestrate.report import report_html
     from dagger_orchestrate.results import table
-    from dagger_orchestrate.state import ExperimentState
 
-    name = args.experiment
-    known = experiments(store)
-    if name not in known and (folder := _experiment_folder(name)) is not None:
-        name = folder.name
-    if name not in known:
-        _graph(store, name)  # raises the NotFoundError that says what EXP may be
-    # The report needs no state class: import none (importing runs the experiment's code).
-    graph = Graph.from_records(store, name, ExperimentState)
+    graph = _graph(store, args.experiment)
     page = report_html(
-        graph.nodes, table(graph), title=name, store_url=store.url,
+        graph.nodes, table(graph), title=graph.experiment or args.experiment, store_url=store.url,
         color_by=args.color_by, x=args.x, y=args.y, hue=args.hue,
     )  # fmt: skip
     try:
