@@ -129,7 +129,7 @@ def main() -> None:
     try:
         # 1. the results table of a 10,000-node sweep
         branches = max(1, round(math.sqrt(args.nodes)))
-        leaves = max(1, (args.nodes - 1 - branches) // branches)
+        leaves = max(1, math.ceil((args.nodes - 1 - branches) / branches))
         table_exp = scratch / "table"
         print(f"building a {1 + branches + branches * leaves}-node sweep ...", flush=True)
         cold = sweep(table_exp, branches, leaves)
@@ -146,7 +146,7 @@ def main() -> None:
 
         # 2. the report of a 1,000-node experiment
         branches = max(1, round(math.sqrt(args.report_nodes)))
-        leaves = max(1, (args.report_nodes - 1 - branches) // branches)
+        leaves = max(1, math.ceil((args.report_nodes - 1 - branches) / branches))
         report_exp = scratch / "report"
         sweep(report_exp, branches, leaves)
 
