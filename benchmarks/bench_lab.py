@@ -16,7 +16,13 @@ this one run (the machines are shared and noisy: compare ratios, not absolute ti
    and ``grace=0`` make every unreferenced object collectable. Dry run: best of ``--repeat``
    (local) or ``--s3-repeat`` (S3); then one real run, which deletes the unreferenced half of
    the manifests and their unique blobs. The store is built by writing the objects directly
-   and concurrently (what ``commit`` writes, minus its existence checks).
+   and concurrently (what ``commit`` writes, minus its existence checks). On S3 the real run
+   deletes in batches (``delete_many``: an age check by listing or HEADs, then one
+   DeleteObjects per 1,000 keys); its baseline is the same real run on a second bucket built
+   alike, through a backend without ``delete_many``, so that gc deletes key by key (a HEAD,
+   then a DELETE, per object) as it did before (``--skip-s3-baseline`` skips it). "of which
+   deleting" is the wall time gc spent in its deletions; the requests are counted through
+   botocore's event hooks on the s3fs client. Ratio: dagger's time over the baseline's.
 
 Scratch data lives in a temporary folder on the real disk (not /tmp, which may be tmpfs),
 removed at the end. Exit status is 0: this is a report.
@@ -30,8 +36,10 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +47,8 @@ import common  # benchmarks/common.py, beside this script
 import numpy as np
 
 import dagger_store as ds
+import dagger_store.gc as gc_module
+from dagger_store.backends.base import Buffer, Entry
 from dagger_store.gc import GcReport, collect
 from dagger_store.layout import BLOBS, manifest_key
 from dagger_store.records import add_record
@@ -140,34 +150,156 @@ def populate(store: ds.Store, manifests: int, threads: int) -> tuple[float, list
     return time.perf_counter() - start, referenced
 
 
+class PerKeyDeletes:
+    """A backend without ``delete_many``: gc then deletes key by key (the baseline)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.remote = inner.remote
+
+    def trusted_by_location(self) -> bool:
+        return bool(self.inner.trusted_by_location())
+
+    def read(self, key: str) -> bytes:
+        return bytes(self.inner.read(key))
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> int:
+        return int(self.inner.read_into(key, offset, out))
+
+    def write_once(self, key: str, *parts: Buffer) -> bool:
+        return bool(self.inner.write_once(key, *parts))
+
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        return list(self.inner.exists_many(keys))
+
+    def iter_keys(self, prefix: str = "") -> Iterator[str]:
+        return iter(self.inner.iter_keys(prefix))
+
+    def iter_entries(self, prefix: str = "") -> Iterator[Entry]:
+        return iter(self.inner.iter_entries(prefix))
+
+    def delete(self, key: str, *, modified_before: float | None = None) -> bool:
+        return bool(self.inner.delete(key, modified_before=modified_before))
+
+    def touch(self, key: str) -> bool:
+        return bool(self.inner.touch(key))
+
+
+@contextmanager
+def deleting_time() -> Iterator[list[float]]:
+    """The wall time gc spends in its deletions meanwhile (``[seconds]``, filled on exit)."""
+    spent = [0.0]
+    delete = gc_module._delete
+
+    def timed(store: ds.Store, entries: list[Entry], cutoff: float) -> list[bool]:
+        start = time.perf_counter()
+        try:
+            return delete(store, entries, cutoff)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    gc_module._delete = timed
+    try:
+        yield spent
+    finally:
+        gc_module._delete = delete
+
+
+@contextmanager
+def s3_requests(store: ds.Store) -> Iterator[Counter[str]]:
+    """The requests the store's S3 client makes meanwhile, by operation (botocore's event
+    hooks: every request still goes to the server); empty for other backends."""
+    made: Counter[str] = Counter()
+    fs = getattr(getattr(store.backend, "inner", store.backend), "fs", None)
+    if fs is None:
+        yield made
+        return
+
+    def count(model: Any, **kwargs: Any) -> None:
+        made[model.name] += 1
+
+    events = fs.s3.meta.events
+    events.register("before-parameter-build.s3", count)
+    try:
+        yield made
+    finally:
+        events.unregister("before-parameter-build.s3", count)
+
+
+def requests_note(made: Counter[str]) -> str:
+    if not made:
+        return ""
+    checks = made["ListObjectsV2"], made["HeadObject"]
+    deletes = made["DeleteObjects"] + made["DeleteObject"]
+    kind = "DeleteObjects" if made["DeleteObjects"] else "DeleteObject"
+    return f"{deletes:,} {kind}; {checks[0]:,} LIST + {checks[1]:,} HEAD in the run"
+
+
+def real_run(store: ds.Store) -> tuple[GcReport, float, float, Counter[str]]:
+    """One real collection: its report, wall time, time spent deleting, requests made."""
+    with deleting_time() as deleting, s3_requests(store) as made:
+        start = time.perf_counter()
+        report = collect(store, grace=0, keep_recent=0, dry_run=False)
+        took = time.perf_counter() - start
+    return report, took, deleting[0], made
+
+
 def measure_collect(
-    store: ds.Store, where: str, manifests: int, repeat: int, threads: int
+    store: ds.Store,
+    where: str,
+    manifests: int,
+    repeat: int,
+    threads: int,
+    baseline: ds.Store | None = None,
 ) -> tuple[list[list[str]], bool]:
     print(f"  populating {manifests:,} manifests {where} ...", flush=True)
     built, referenced = populate(store, manifests, threads)
     blobs = len(list(store.backend.iter_keys(BLOBS)))
-    print(f"  built in {built:.1f} s; collecting ...", flush=True)
+    print(f"  built in {built:.1f} s", flush=True)
+    if baseline is not None:
+        print("  populating the baseline's store ...", flush=True)
+        print(f"  built in {populate(baseline, manifests, threads)[0]:.1f} s", flush=True)
+    print("  collecting ...", flush=True)
     dry: list[GcReport] = []
     t = best(repeat, {"dry": lambda: dry.append(collect(store, grace=0, keep_recent=0))})
-    start = time.perf_counter()
-    real = collect(store, grace=0, keep_recent=0, dry_run=False)
-    real_time = time.perf_counter() - start
     expected_gone = manifests - len(referenced)
+    base_real: GcReport | None = None
+    if baseline is not None:
+        print("  real run, baseline (key by key) ...", flush=True)
+        with ds.Store(PerKeyDeletes(baseline.backend), workers=16) as per_key:
+            base_real, base_time, base_deleting, base_made = real_run(per_key)
+    print("  real run ...", flush=True)
+    real, real_time, deleting, made = real_run(store)
     ok = (
         all(len(r.manifests) == expected_gone and len(r.blobs) == expected_gone for r in dry)
         and len(real.manifests) == expected_gone
         and len(real.blobs) == expected_gone
         and store.missing(referenced) == []
         and len(list(store.backend.iter_keys(BLOBS))) == blobs - expected_gone
+        and (base_real is None or len(base_real.blobs) == expected_gone)
     )
+    real_row = [
+        f"collect, real run, {where}",
+        seconds(real_time),
+        "",
+        f"{len(real.manifests):,} manifests + {len(real.blobs):,} blobs deleted",
+        "",
+    ]
+    deleting_row = [f"  of which deleting, {where}", seconds(deleting), "", requests_note(made), ""]
     rows = [
         [f"populate {manifests:,} manifests + {blobs:,} blobs, {where}", seconds(built), "",
          f"{threads} threads", ""],
         [f"collect, dry run, {where}", seconds(t["dry"]), "",
          f"{manifests / t['dry']:,.0f} manifests/s", ""],
-        [f"collect, real run, {where}", seconds(real_time), "",
-         f"{len(real.manifests):,} manifests + {len(real.blobs):,} blobs deleted", ""],
+        real_row,
+        deleting_row,
     ]  # fmt: skip
+    if baseline is not None:
+        real_row[2], real_row[4] = seconds(base_time), f"{real_time / base_time:.2f}"
+        deleting_row[2], deleting_row[4] = seconds(base_deleting), f"{deleting / base_deleting:.2f}"
+        rows.append(["  baseline: key by key, deleting", "", seconds(base_deleting),
+                     requests_note(base_made), ""])  # fmt: skip
     return rows, ok
 
 
@@ -181,6 +313,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds, best kept (3)")
     parser.add_argument("--s3-repeat", type=int, default=1, help="S3 dry runs, best kept (1)")
     parser.add_argument("--skip-s3", action="store_true", help="skip the moto_server figures")
+    parser.add_argument(
+        "--skip-s3-baseline",
+        action="store_true",
+        help="skip the key-by-key deletion baseline on S3 (it builds a second store)",
+    )
     common.add_work_dir(parser)
     return parser.parse_args(argv)
 
@@ -218,17 +355,28 @@ def main(argv: list[str] | None = None) -> int:
                 options: dict[str, Any] = server.storage_options
                 fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
                 fs.call_s3("create_bucket", Bucket="dagger-bench-lab")
+                baseline = None
+                if not args.skip_s3_baseline:
+                    fs.call_s3("create_bucket", Bucket="dagger-bench-lab-baseline")
+                    baseline = ds.open_store(
+                        "s3://dagger-bench-lab-baseline/store", storage_options=options
+                    )
                 with ds.open_store("s3://dagger-bench-lab/store", storage_options=options) as s3:
                     s3_rows, checks["S3 collect deletes exactly the unreferenced half"] = (
-                        measure_collect(s3, "S3 (moto)", args.manifests, args.s3_repeat, 32)
+                        measure_collect(
+                            s3, "S3 (moto)", args.manifests, args.s3_repeat, 32, baseline
+                        )
                     )
+                if baseline is not None:
+                    baseline.close()
                 rows += s3_rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print()
     common.print_table(["figure", "dagger", "baseline", "note", "ratio"], rows)
     print(
-        "ratio = verify throughput / baseline throughput (both from the page cache).\n"
+        "ratio = verify throughput / baseline throughput (both from the page cache); for gc,\n"
+        "dagger's time / the baseline's (deleting key by key).\n"
         f"Load average at the end: {os.getloadavg()[0]:.2f}."
     )
     for name, ok in checks.items():

@@ -119,6 +119,18 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--x", metavar="COLUMN", help="the plot's x column (with --y)")
     sub.add_argument("--y", metavar="COLUMN", help="the plot's y column (with --x)")
     sub.add_argument("--hue", metavar="COLUMN", help="the plot's series column")
+    sub = command(
+        "repair", _repair, "list incomplete manifests (blobs lost outside gc) and corrupt "
+        "objects, and which nodes a re-run of each experiment would recompute; exit 1 if any",
+    )  # fmt: skip
+    sub.add_argument(
+        "experiment", nargs="?", help="only this experiment's nodes (name or folder; default: "
+        "every experiment in the store)",
+    )  # fmt: skip
+    sub.add_argument(
+        "--dry-run", action="store_true",
+        help="only list; without it, also say how to recompute (dagger-lab never runs recipes)",
+    )  # fmt: skip
     return parser
 
 
@@ -287,6 +299,89 @@ def _gc(store: ds.Store, args: Any) -> int:
         )
     print(report)
     return OK
+
+
+def _repair(store: ds.Store, args: Any) -> int:
+    if args.experiment:
+        name = args.experiment
+        if name not in experiments(store) and (folder := _experiment_folder(name)) is not None:
+            name = folder.name
+        graphs = {name: _graph(store, name)}
+    else:
+        graphs = {name: _graph(store, name) for name in experiments(store)}
+    scope = sorted({n.key for g in graphs.values() for n in g.nodes}) if args.experiment else None
+    by_key = {name: {n.key: n for n in g.nodes} for name, g in graphs.items()}
+    with _Status("repair"):
+        lost = store.incomplete(scope)
+        report = store.verify()
+    corrupt = [p for p in report.problems if not any(p.startswith(f"manifest {k}:") for k in lost)]
+    where = f"experiment {next(iter(graphs))} in {store.url}" if args.experiment else store.url
+    print(f"{where}: {len(lost)} incomplete manifests, {len(corrupt)} corrupt objects")
+    if lost:
+        print("\nincomplete manifests (blobs they name are gone; the node is a cache miss):")
+    for key in sorted(lost):
+        names = [
+            f"{name} ({nodes[key].label})" for name, nodes in by_key.items() if key in nodes
+        ] or ["no experiment (gc collects it)"]
+        print(f"  node {key.hex[:12]}  in {', '.join(names)}")
+        for digest in lost[key]:
+            print(f"    missing blob {digest}")
+    if corrupt:
+        print("\ncorrupt objects (a re-run does NOT repair these: their nodes still look cached):")
+        complete = store.manifests([k for nodes in by_key.values() for k in nodes])
+        for problem in corrupt:
+            print(f"  {problem}")
+            hex_ = problem.split(":", 1)[0].rsplit("/", 1)[-1]
+            users = sorted(
+                f"{k.hex[:12]} {nodes[k].label} ({name})"
+                for name, nodes in by_key.items() for k in nodes
+                if k in complete and any(d.hex == hex_ for d in complete[k].blobs.values())
+            )  # fmt: skip
+            for user in users:
+                print(f"    named by node {user}")
+    plans = []
+    for name, graph in graphs.items():
+        redo = [n for n in graph.nodes if n.key in lost]
+        if not redo:
+            continue
+        kept = {d.key: d for n in redo for d in _descendants(n) if d.key not in lost}
+        plans.append((name, redo, list(kept.values())))
+    if plans:
+        print("\na re-run would recompute:")
+    for name, redo, after in plans:
+        print(f"  experiment {name}: {len(redo)} node(s)")
+        for node in redo:
+            print(f"    {node.key.hex[:12]}  {node.label}")
+        if after:
+            print(
+                f"    their {len(after)} descendant(s) are complete and stay cached (they were "
+                "computed from the lost state); to recompute them as well: "
+                "exp.run(recompute=[...]) with the nodes above (descendants are included)"
+            )
+    if not args.dry_run and (lost or corrupt):
+        print("\nto repair (dagger-lab does not run your recipes):")
+        for name, redo, _ in plans:
+            keys = ", ".join(n.key.hex[:12] for n in redo)
+            print(f"  run experiment {name} again (its script, exp.run()): nodes {keys} will be "
+                  "recomputed, and their new manifests supersede the incomplete ones")  # fmt: skip
+        orphans = [k for k in lost if not any(k in nodes for nodes in by_key.values())]
+        if orphans:
+            print(f"  {len(orphans)} incomplete node(s) belong to no experiment: nothing will "
+                  "recompute them; `dagger-lab gc` collects them")  # fmt: skip
+        if corrupt:
+            print("  corrupt blobs: delete each object listed (it is read-only: make it writable "
+                  "first), then re-run the experiments naming it; the nodes become incomplete "
+                  "and are recomputed")  # fmt: skip
+    return PROBLEMS if lost or corrupt else OK
+
+
+def _descendants(node: Any) -> list[Any]:
+    found, pending = [], list(node.children)
+    while pending:
+        child = pending.pop()
+        found.append(child)
+        pending.extend(child.children)
+    return found
 
 
 def _pin(store: ds.Store, args: Any) -> int:

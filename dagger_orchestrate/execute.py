@@ -108,8 +108,9 @@ def execute(
     for node in plan.missing:
         parent = tasks.get(node.parent) if node.parent is not None else None
         tasks[node.key] = delayed(run_node, pure=False)(
-            node, ref, tags.get(node.key, ()), terms, parent, dask_key_name=f"node-{node.key.hex}"
-        )
+            node, ref, tags.get(node.key, ()), terms, parent, plan.replaces.get(node.key),
+            dask_key_name=f"node-{node.key.hex}",
+        )  # fmt: skip
     chosen = scheduler_for(scheduler)
     call_tasks: list[Delayed] = []
     for call in calls:
@@ -124,6 +125,7 @@ def execute(
     node_tasks = list(tasks.values())
     if not node_tasks and not call_tasks:
         return {}, []
+    _check_main_guard(chosen)
     with _progress_bar(progress, chosen):
         node_results, call_results = compute(node_tasks, call_tasks, scheduler=chosen.get)
     return {o.key: o for o in node_results}, list(call_results)
@@ -135,13 +137,23 @@ def run_node(
     tags: tuple[str, ...],
     terms: LeaseTerms,
     parent: Outcome | None,
+    replaces: int | None = None,
 ) -> Outcome:
-    """Compute one node and commit it, unless another run does; never raises."""
+    """Compute one node and commit it, unless another run does; never raises.
+
+    ``replaces``: recompute the node although its manifest (this generation) is complete, and
+    commit the result as the next generation (``Store.commit(replaces=...)``).
+    """
     if isinstance(parent, Failed | Skipped):
         return Skipped(node.key, parent.key if isinstance(parent, Failed) else parent.because)
     start = time.perf_counter()
     try:
         store = ref.open()
+        if replaces is not None:
+            # No lease: waiting for "a manifest" would find the one being replaced. Two runs
+            # recomputing one node both compute; the commit picks one winner.
+            _compute(store, node, tags, start, replaces)
+            return Done(node.key, time.perf_counter() - start, time.time())
         lease = claim(store, node.key, terms)
         if lease is None:
             return Waited(node.key, time.perf_counter() - start)
@@ -152,7 +164,13 @@ def run_node(
         return Failed(node.key, _portable(exc), traceback.format_exc())
 
 
-def _compute(store: ds.Store, node: NodeSpec, tags: tuple[str, ...], start: float) -> None:
+def _compute(
+    store: ds.Store,
+    node: NodeSpec,
+    tags: tuple[str, ...],
+    start: float,
+    replaces: int | None = None,
+) -> None:
     if node.recipe is None:
         state = node.state_class.__new__(node.state_class)
         for name, value in node.arguments.items():
@@ -171,7 +189,7 @@ def _compute(store: ds.Store, node: NodeSpec, tags: tuple[str, ...], start: floa
                 f"(an ExperimentState), but returned {type(state).__name__}"
             )
     seconds = time.perf_counter() - start
-    store.commit(node.key, save_state(store, state, node, seconds))
+    store.commit(node.key, save_state(store, state, node, seconds), repair=True, replaces=replaces)
 
 
 def run_function(
@@ -283,6 +301,31 @@ def scheduler_for(scheduler: Any) -> Scheduler:
         f"a scheduler is None, a name, a dask.distributed Client or a dask get function, got "
         f"{type(scheduler).__name__}: {scheduler!r}"
     )
+
+
+def _check_main_guard(scheduler: Scheduler) -> None:
+    """Refuse, before any process starts, to compute in processes for a script that every
+    worker would run again: dask starts its workers with "spawn", which imports the main script
+    anew, so a run outside ``if __name__ == "__main__":`` re-runs in each and breaks the pool."""
+    if not (
+        scheduler.get in ("processes", "multiprocessing")
+        or scheduler.get is dask.multiprocessing.get
+    ):
+        return
+    if dask.multiprocessing.get_context().get_start_method() == "fork":
+        return  # a forked worker does not import the script again
+    from dagger_orchestrate.usercode import unguarded_main_line
+
+    where = unguarded_main_line()
+    if where is not None:
+        path, line = where
+        raise RuntimeError(
+            f"{path}, line {line}, runs the experiment in processes outside an "
+            '`if __name__ == "__main__":` block: every worker process imports the script again '
+            "and would run it again. Put the code that defines and runs the experiment under "
+            '`if __name__ == "__main__":` (keep states, recipes and Functions at module level, '
+            'where workers import them), or run with "threads"'
+        )
 
 
 class _progress_bar:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from dagger_orchestrate.definition import Definition, FunctionCall, StatePromise
 from dagger_orchestrate.execute import CallSpec, Done, Failed, Returned, Skipped, Waited, execute
 from dagger_orchestrate.folder import absolute, is_url, open_folder
 from dagger_orchestrate.graph import Graph
+from dagger_orchestrate.graph import GraphNode as GraphNodeType
 from dagger_orchestrate.inflight import LeaseTerms
 from dagger_orchestrate.plan import resolve
 from dagger_orchestrate.results import (
@@ -31,7 +33,7 @@ from dagger_orchestrate.results import (
 )
 from dagger_orchestrate.state import ExperimentState
 from dagger_orchestrate.storeref import StoreRef
-from dagger_orchestrate.usercode import class_path, source_hash
+from dagger_orchestrate.usercode import class_path, helper_hashes, source_hash
 from dagger_store.host import host
 from dagger_store.records import add_record, read_records
 
@@ -46,7 +48,17 @@ if TYPE_CHECKING:
 
 
 class StaleCodeWarning(UserWarning):
-    """A cached result was computed by a recipe whose source has changed since."""
+    """Cached nodes were computed by code that has changed since; ``run`` reuses them as they are.
+
+    A node's code is its recipe class (its state class, for a root): its source, and the
+    module-level functions of its module that it calls by name (``usercode.helper_hashes``),
+    both recorded in the node's manifest when it is computed (metadata: keys do not change).
+    The warning names the stale nodes (short key and label) and is given once per process for
+    a given node and code. It stops for a node once that node is recomputed (bump the recipe's
+    VERSION: a new key; or ``run(recompute=...)``: a new manifest of the current code), or once
+    the change is accepted: ``Experiment.accept_stale()`` records, in the experiment's records,
+    that the node's result stands for the current code; a later change warns again.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +168,22 @@ class Experiment:
             tuple(sorted(store_options.items())),
             _cache_dir(folder.store, cache_dir),
             trust,
+            create=_create,
         )
-        # Opened anew, so a store deleted since this process last used it is recreated.
-        self.store = self._ref.open(fresh=True)
+        try:
+            # Opened anew, so a store deleted since this process last used it is recreated
+            # (by Experiment(...); restore creates nothing, and says what it did not find).
+            self.store = self._ref.open(fresh=True)
+        except ds.StoreOpenError as exc:
+            named = (
+                "given as store="
+                if store
+                else f"as {folder.marker} names it ({folder.recorded!r}); if it moved, pass "
+                "store= with where it is now"
+            )
+            raise ds.StoreOpenError(
+                f"{exc} (the store of experiment {self.name!r}, {named})", url=exc.url
+            ) from exc
         self._definition = Definition(repr(self))
         self._graph: Graph | None = None
 
@@ -168,7 +193,11 @@ class Experiment:
     # -- definition ----------------------------------------------------------------------------
 
     def spawn_new_tree(self, **arguments: Any) -> StatePromise:
-        """The root of a new tree; ``arguments`` cover PROPERTIES and go to initialize_state."""
+        """The root of a new tree; ``arguments`` cover PROPERTIES and go to initialize_state.
+
+        Arguments beyond PROPERTIES are hashed too and handed to initialize_state; when a
+        PROPERTY is missing, the TypeError names them as likely typos, with close matches.
+        """
         if self.state_class is None:
             raise TypeError("this Experiment has no state_class: pass one to Experiment(...)")
         return self._definition.spawn(self.state_class, arguments)
@@ -194,8 +223,13 @@ class Experiment:
         progress: bool | None = None,
         lease_seconds: float = 60.0,
         wait_timeout: float | None = None,
+        recompute: Any = None,
+        recompute_descendants: bool = True,
     ) -> RunReport:
         """Compute every missing node, then run every Function; return what happened.
+
+        A node whose stored manifest names a lost blob is computed again (a repair); its new
+        manifest supersedes the incomplete one, also when the recipe is nondeterministic.
 
         Each Function's value is stored with its node (``FunctionResult.result_key``); a
         ``Function(cache=True)`` whose result is stored already is not run again, and its
@@ -213,13 +247,26 @@ class Experiment:
             the node waits for it, and takes over this long after its holder died.
         wait_timeout
             How long to wait for a node another run is computing (None: while it is alive).
+        recompute
+            Nodes to compute again although cached (a bug fixed in a recipe without a
+            ``VERSION`` bump): a promise, a graph node or ``NodeSet``, a node key, a tag glob
+            pattern (str: the nodes of this experiment with a tag matching it, as in
+            ``NodeSet.filter``), or a list of those. Their new results supersede the stored
+            ones (a new manifest generation; gc collects what only the old one named); they
+            are listed in ``RunReport.executed``. ValueError if one names no node here.
+        recompute_descendants
+            Recompute the descendants of those nodes too (default), so that nothing is left
+            built on a superseded result.
         """
         start = time.perf_counter()
         nodes = list(self._nodes.values())
+        redo = _recompute_keys(
+            recompute, self._nodes, self._definition.all_tags(), recompute_descendants
+        )
         # Recorded first, so that the cached nodes this run relies on are already garbage
         # collection roots when it looks them up.
         self._record_definition()
-        plan = resolve(nodes, self.store)
+        plan = resolve(nodes, self.store, redo)
         self._warn_stale(plan.cached)
         tags = self._definition.all_tags()
         identities = {id(c.function): c.function.identity for c in self._calls}
@@ -233,10 +280,11 @@ class Experiment:
         # One batched question for every call's stored result: cached Functions reuse theirs
         # (no state loaded, nothing run); the others run, and store a value only where none is.
         stored = self.store.manifests([c.result_key for c in calls]) if calls else {}
+        # A recomputed node's stored results are of the superseded state: never reused.
         hits = reusable(
             self.store,
             {c.result_key: stored[c.result_key] for c in calls
-             if c.function.cache and c.result_key in stored},
+             if c.function.cache and c.result_key in stored and c.node.key not in redo},
         )  # fmt: skip
         reused = {
             c.index: Returned(c.index, *hits[c.result_key], cached=True)
@@ -290,22 +338,46 @@ class Experiment:
         return report
 
     def _warn_stale(self, cached: Mapping[ds.NodeKey, ds.Manifest]) -> None:
-        for key, manifest in cached.items():
-            recipe = self._nodes[key].recipe
-            if recipe is None:
-                continue
-            recorded = manifest.meta.get("node", {}).get("source", "")
-            current = source_hash(type(recipe))
-            name = class_path(type(recipe))
-            if recorded and current and recorded != current and name not in _warned:
-                _warned.add(name)
-                warnings.warn(
-                    f"cached results of {name} were computed by different source code than "
-                    f"the current {type(recipe).__name__}; if the change matters, bump "
-                    f"{type(recipe).__name__}.VERSION to recompute",
-                    StaleCodeWarning,
-                    stacklevel=3,
+        """One StaleCodeWarning naming the cached nodes whose code changed since (see there)."""
+        stale = _stale(self._nodes, cached)
+        if stale:  # the records are read only when some node looks stale
+            accepted = _accepted(self.store, self.name)
+            stale = [s for s in stale if accepted.get(s.key.hex) != s.current]
+        if all((s.key, s.token) in _warned for s in stale):
+            return
+        _warned.update((s.key, s.token) for s in stale)
+        warnings.warn(_stale_message(stale), StaleCodeWarning, stacklevel=3)
+
+    def accept_stale(
+        self, nodes: Iterable[StatePromise | GraphNode | ds.NodeKey] | None = None
+    ) -> tuple[ds.NodeKey, ...]:
+        """Accept that the code changes ``StaleCodeWarning`` reports do not matter.
+
+        For each defined node (or each of ``nodes``) that is cached and whose code changed since
+        it was computed, and is not accepted for the current code yet, records (one record of
+        this experiment, kind ``accept``) that its result stands for the current code: the
+        warning stops naming it, until that code changes again. Nothing is recomputed. Returns
+        the keys accepted now (none: nothing written). To recompute instead, bump the recipe's
+        VERSION or ``run(recompute=...)``.
+        """
+        if nodes is None:
+            keys = list(self._nodes)
+        else:
+            keys = [n if isinstance(n, ds.NodeKey) else n.key for n in nodes]
+            unknown = [k.hex[:12] for k in keys if k not in self._nodes]
+            if unknown:
+                raise ValueError(
+                    f"accept_stale: node(s) {', '.join(unknown)} are not defined in this "
+                    "experiment: the current code is known only for the nodes defined here"
                 )
+        stale = _stale(self._nodes, self.store.manifests(keys))
+        if stale:
+            accepted = _accepted(self.store, self.name)
+            stale = [s for s in stale if accepted.get(s.key.hex) != s.current]
+        if stale:
+            document = {"nodes": {s.key.hex: s.current for s in stale}}
+            add_record(self.store, self.name, "accept", (), document)
+        return tuple(s.key for s in stale)
 
     def _record_definition(self) -> None:
         nodes = [
@@ -508,7 +580,85 @@ class Experiment:
         return exp
 
 
-_warned: set[str] = set()
+_warned: set[tuple[ds.NodeKey, str]] = set()  # (node, code token) warned about already
+
+
+@dataclass(frozen=True, slots=True)
+class _Stale:
+    """A cached node whose code changed: what changed, and the current code's fingerprint."""
+
+    key: ds.NodeKey
+    node: NodeSpec
+    code: type
+    changed: str  # "its source", "function scale() it calls", or both
+    current: dict[str, Any]  # {"class", "source", "helpers"}: as accept records store it
+
+    @property
+    def token(self) -> str:
+        helpers = sorted(self.current["helpers"].items())
+        return f"{self.current['class']}|{self.current['source']}|{helpers}"
+
+
+def _stale(
+    nodes: Mapping[ds.NodeKey, NodeSpec], cached: Mapping[ds.NodeKey, ds.Manifest]
+) -> list[_Stale]:
+    """The cached nodes whose recorded code differs from the current (unknown is not stale)."""
+    found = []
+    for key, manifest in cached.items():
+        node = nodes.get(key)
+        if node is None:
+            continue
+        code: type = node.state_class if node.recipe is None else type(node.recipe)
+        recorded = manifest.meta.get("node", {})
+        source, helpers = source_hash(code), helper_hashes(code)
+        changed = []
+        if recorded.get("source") and source and recorded["source"] != source:
+            changed.append("its source")
+        before = recorded.get("helpers")
+        if isinstance(before, dict):  # manifests written before helpers were recorded: unknown
+            names = sorted(
+                n
+                for n in set(before) | set(helpers)
+                if before.get(n) != helpers.get(n) and before.get(n) != "" and helpers.get(n) != ""
+            )
+            if names:
+                changed.append(f"function{'s' * (len(names) > 1)} {', '.join(names)}() it calls")
+        if changed:
+            current = {"class": class_path(code), "source": source, "helpers": helpers}
+            found.append(_Stale(key, node, code, " and ".join(changed), current))
+    return found
+
+
+def _accepted(store: ds.Store, experiment: str) -> dict[str, Any]:
+    """Node (hex) -> the code fingerprint its result was accepted for, the latest record's."""
+    accepted: dict[str, Any] = {}
+    for record in read_records(store, experiment, "accept"):
+        accepted.update(record.get("nodes", {}))
+    return accepted
+
+
+def _stale_message(stale: list[_Stale], shown: int = 3) -> str:
+    groups: dict[tuple[str, str], list[_Stale]] = {}
+    for s in stale:
+        groups.setdefault((s.current["class"], s.changed), []).append(s)
+    lines = []
+    for (name, changed), group in groups.items():
+        listed = ", ".join(f"{s.key.hex[:12]} {_short(s.node.label)}" for s in group[:shown])
+        more = f" and {len(group) - shown} more" if len(group) > shown else ""
+        lines.append(f"  {name} ({changed} changed): {listed}{more}")
+    recipes = sorted({s.code.__name__ for s in stale if s.node.recipe is not None})
+    bump = f"bump {', '.join(f'{r}.VERSION' for r in recipes)} or " if recipes else ""
+    count = f"{len(stale)} cached node{'s were' if len(stale) > 1 else ' was'}"
+    return (
+        f"{count} computed by code that has changed since, and reused as computed:\n"
+        + "\n".join(lines)
+        + f"\nIf the change matters, recompute them: {bump}run(recompute=...); if it does not, "
+        "Experiment.accept_stale() records that and this warning stops"
+    )
+
+
+def _short(label: str, width: int = 60) -> str:
+    return label if len(label) <= width else label[: width - 3] + "..."
 
 
 def _cache_dir(store_url: str, wanted: str | bool) -> str | None:
@@ -527,3 +677,58 @@ def _describe_failure(prefix: str, promise: StatePromise, failed: Failed) -> str
         f"{where} (node {promise.key.hex[:12]}, tags: {tags}) failed: "
         f"{type(failed.error).__name__}: {failed.error}"
     )
+
+
+def _recompute_keys(
+    recompute: Any,
+    nodes: Mapping[ds.NodeKey, NodeSpec],
+    tags: Mapping[ds.NodeKey, tuple[str, ...]],
+    descendants: bool,
+) -> frozenset[ds.NodeKey]:
+    """The keys ``Experiment.run(recompute=...)`` names, with their descendants if asked."""
+    if recompute is None:
+        return frozenset()
+    items = (
+        [recompute]
+        if isinstance(recompute, str | ds.NodeKey | StatePromise | GraphNodeType)
+        else list(recompute)
+    )
+    chosen: set[ds.NodeKey] = set()
+    for item in items:
+        if isinstance(item, str):
+            negate = item.startswith("!")
+            found = {
+                k for k in nodes
+                if any(fnmatch.fnmatchcase(t, item.lstrip("!")) for t in tags.get(k, ()))
+                != negate
+            }  # fmt: skip
+            if not found:
+                raise ValueError(
+                    f"recompute={item!r}: no node of this experiment has a tag matching it"
+                )
+            chosen |= found
+            continue
+        key = item.key if isinstance(item, StatePromise | GraphNodeType) else item
+        if not isinstance(key, ds.NodeKey):
+            raise TypeError(
+                "recompute takes promises, graph nodes (a NodeSet), node keys or tag patterns "
+                f"(str), got {type(item).__name__}: {item!r}"
+            )
+        if key not in nodes:
+            raise ValueError(
+                f"recompute: node {key.hex[:12]} is not defined in this experiment "
+                "(define it, or pass a node of this tree)"
+            )
+        chosen.add(key)
+    if descendants:
+        children: dict[ds.NodeKey, list[ds.NodeKey]] = {}
+        for node in nodes.values():
+            if node.parent is not None:
+                children.setdefault(node.parent, []).append(node.key)
+        pending = list(chosen)
+        while pending:
+            for child in children.get(pending.pop(), ()):
+                if child not in chosen:
+                    chosen.add(child)
+                    pending.append(child)
+    return frozenset(chosen)

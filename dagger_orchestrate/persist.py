@@ -11,7 +11,7 @@ from dagger_orchestrate.codecs import MissingClassError, load_attribute, save_at
 from dagger_orchestrate.plan import NodeSpec
 from dagger_orchestrate.provenance import provenance
 from dagger_orchestrate.state import ExperimentState
-from dagger_orchestrate.usercode import class_path, source_hash
+from dagger_orchestrate.usercode import class_path, helper_hashes, source_hash
 
 MANIFEST_SCHEMA = 1
 
@@ -40,6 +40,7 @@ def save_state(
             "state_class": class_path(type(state)),
             "parent": node.parent.hex if node.parent is not None else None,
             "source": source_hash(code),
+            "helpers": helper_hashes(code),
         },
         "attributes": attributes,
         "provenance": provenance(code, seconds, finished=time.time()),

@@ -20,9 +20,15 @@ class StoreRef:
     # the machine that opens the store, so each worker caches on its own disk.
     cache_dir: str | None = None
     trust: bool | None = None  # open_store's trust: may pickled attributes load from here
+    # open_store's create: False for a reference made to read (Experiment.restore), so that
+    # neither it nor its workers ever leave an empty store behind a wrong path.
+    create: bool = True
 
     def open(self, *, fresh: bool = False) -> ds.Store:
-        """The process's Store for this URL; ``fresh`` opens (and checks) it anew."""
+        """The process's Store for this URL; ``fresh`` opens (and checks) it anew.
+
+        Without ``create``, a store that is not there raises StoreOpenError.
+        """
         key = (self.url, repr((self.storage_options, self.trust)))  # options: unhashable dicts
         with _stores_lock:
             if fresh or key not in _stores:
@@ -32,6 +38,7 @@ class StoreRef:
                     backend,
                     cache_dir=os.path.expanduser(cache) if cache else None,
                     trust=self.trust,
+                    create=self.create,
                 )
             return _stores[key]
 

@@ -6,7 +6,9 @@
                a live lease (leases.py), and every manifest modified within ``keep_recent``
     manifests  those of roots are kept; the others are deleted first
     blobs      kept if a kept manifest names them (a chunked blob: its index and every leaf) or
-               if modified within ``grace``; the others are deleted
+               if modified within ``grace``; the others are deleted. Of a node's manifest
+               generations (``store.py``) all are kept, but only the newest marks blobs:
+               what only a superseded generation names is collected after ``grace``
     .tmp/      (local and NFS stores) a killed writer's temp files older than ``grace`` (and
                than an hour, so that a short grace period never takes a live writer's)
 
@@ -28,17 +30,30 @@ Why collecting is safe while others write (the invariants, and what they rely on
   blob goes between the commit's existence check and its write, commits a manifest that counts
   as a miss (never a hit with holes) until the blob is put again.
 - Ages come from a listing and are checked again at the moment of deletion
-  (``delete(key, modified_before=cutoff)``), so a touch after the listing wins. On local and NFS
-  stores that check is atomic (the file is renamed aside, then judged). On S3 it is a HEAD just
-  before the DELETE: a touch landing within that round trip is lost, and then the writer's
-  ``commit``, which checks that every blob exists, refuses (IncompleteManifestError) instead of
-  committing a manifest with holes.
+  (``modified_before=cutoff``), so a touch after the listing wins, unless it lands between that
+  check and the removal. On local and NFS stores there is no such window: each object's check is
+  atomic with its removal (the file is renamed aside, then judged), in a batch or not. On S3
+  deletions go in batches (``delete_many``: up to 1,000 keys checked again, by a listing of their
+  range or by HEADs, then one DeleteObjects for those still old), so the window is one batch's
+  check plus one request (around a second, where a HEAD then a DELETE per object had one round
+  trip), and S3 has no conditional delete that would close it (``backends/s3.py`` says why). A
+  touch lost in it is a blob deleted just after a writer's put reused it. The writer's
+  ``commit`` checks that every blob exists before it writes the manifest, so it either refuses
+  (IncompleteManifestError: the node is computed again) or, if the blob goes between that check
+  and the write, commits a manifest that counts as a miss (never a hit with holes) until the blob
+  is put again. A longer window makes that rare event less rare, never unsafe: it costs a
+  recomputation. Manifests are never touched; their check only spares one written anew since
+  the listing, and one lost in the window is likewise a miss.
 - Manifests are listed again after the manifest sweep and every one then present marks its
   blobs, so a commit that raced the first listing still protects what it names.
 - Roots are read twice, at the start and just before manifests are deleted. A run should write
   its record before it relies on a cached manifest (the orchestrator's ``.def`` record).
 - Objects that may be indexes of chunked blobs are deleted before the rest: a collection stopped
   midway never leaves an index whose leaves are gone. The leaves of a young index are kept with it.
+- An experiment record that cannot be read (corrupt, or of a newer format) stops the collection
+  before anything is deleted, dry run or not (IntegrityError or FormatError naming it): the
+  roots it names are unknown, and roots are never guessed. A record that is intact but unsigned
+  or mis-signed still keeps what it names (keeping is always safe).
 - A manifest or index that cannot be read while marking stops the blob sweep: a blob is never
   deleted on a guess. Names that are not dagger's own are never deleted. The report says why.
 
@@ -58,12 +73,13 @@ from dagger_store import framing
 from dagger_store.backends.base import (
     Entry,
     SupportsDelete,
+    SupportsDeleteMany,
     SupportsEntries,
     SupportsReadInto,
     SupportsScratch,
 )
 from dagger_store.digest import Digest
-from dagger_store.errors import NotFoundError, StoreError
+from dagger_store.errors import FormatError, IntegrityError, NotFoundError, StoreError
 from dagger_store.framing import HEADER_SIZE, Framing
 from dagger_store.keys import NodeKey
 from dagger_store.layout import (
@@ -72,6 +88,7 @@ from dagger_store.layout import (
     blob_hex,
     blob_key_of_hex,
     experiment_prefix,
+    manifest_generation,
     manifest_node,
 )
 from dagger_store.leases import live_keys
@@ -101,6 +118,9 @@ BLOCKED = "not swept: see problems"
 _INDEX_BASE = HEADER_SIZE + 8
 _MIN_INDEX = _INDEX_BASE + 2 * 32
 _ROOT_ATTEMPTS = 3
+# Keys handed to a backend's delete_many at once: S3's DeleteObjects limit, and small enough that
+# several batches run side by side.
+DELETE_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +200,7 @@ def collect(
     backend = store.backend
     if not isinstance(backend, SupportsEntries):
         raise TypeError(f"{store.url} cannot list its objects with their ages: no gc there")
-    if not dry_run and not isinstance(backend, SupportsDelete):
+    if not dry_run and not isinstance(backend, SupportsDelete | SupportsDeleteMany):
         raise TypeError(f"{store.url} cannot delete objects: only a dry run is possible there")
     now = time.time() if now is None else now
     blob_cutoff, manifest_cutoff = now - grace, now - keep_recent
@@ -220,7 +240,7 @@ def collect(
     else:  # listed again: a manifest committed meanwhile protects what it names too
         remaining = [e.key for e in backend.iter_entries(MANIFESTS)]
         kept_manifests[CHANGED] += len(set(remaining) - {e.key for e in listed})
-    remaining = [k for k in remaining if manifest_node(k) is not None]
+    remaining = _newest_generations([k for k in remaining if manifest_node(k) is not None])
     marked: set[str] = set()
     chunked: dict[str, Digest] = {}
     for found in store.map(lambda k: _named_blobs(store, k), remaining):
@@ -331,8 +351,35 @@ def _roots(store: Store, now: float) -> dict[NodeKey, str]:
 def _read_roots(store: Store, now: float) -> dict[NodeKey, str]:
     roots = dict.fromkeys(live_keys(store, now), LEASED)
     roots.update((key, PINNED) for keys in pins(store).values() for key in keys)
-    roots.update(dict.fromkeys(referenced_keys(store), REFERENCED))
+    try:
+        referenced = referenced_keys(store)
+    except IntegrityError as exc:
+        raise IntegrityError(_unknown_roots(store, exc), key=exc.key) from exc
+    except FormatError as exc:
+        raise FormatError(_unknown_roots(store, exc), key=exc.key) from exc
+    roots.update(dict.fromkeys(referenced, REFERENCED))
     return roots
+
+
+def _unknown_roots(store: Store, exc: StoreError) -> str:
+    return (
+        f"garbage collection of {store.url} refused, nothing deleted: {exc}. The node keys that "
+        "record names are roots, and roots are never guessed. Put back a good copy of the "
+        "record, or delete it (its experiment then loses what it recorded), and collect again"
+    )
+
+
+def _newest_generations(paths: list[str]) -> list[str]:
+    """The manifest paths that are their node's newest generation: only those mark blobs, so
+    the blobs of a superseded generation (a repaired or recomputed node's) are collected once
+    no newest generation names them and they are older than the grace period. Every generation
+    of a kept node is kept itself (they are small, and readers never take an older one)."""
+    newest: dict[NodeKey | None, tuple[int, str]] = {}
+    for path in paths:
+        node, generation = manifest_node(path), manifest_generation(path) or 0
+        if node not in newest or generation > newest[node][0]:
+            newest[node] = (generation, path)
+    return [path for _, path in newest.values()]
 
 
 def _named_blobs(store: Store, key: str) -> list[Digest] | str:
@@ -395,8 +442,17 @@ def _leaves(store: Store, hex_: str, only_indexes: bool) -> list[Digest] | str:
 
 
 def _delete(store: Store, entries: list[Entry], cutoff: float) -> list[bool]:
-    """Delete each entry unless it was modified at or after ``cutoff`` meanwhile; in parallel."""
+    """Delete each entry unless it was modified at or after ``cutoff`` meanwhile; in parallel:
+    batches of ``DELETE_BATCH`` keys side by side where the backend deletes in batches (S3:
+    one DeleteObjects each), else key by key."""
     backend = store.backend
+    if isinstance(backend, SupportsDeleteMany):
+        batches = [
+            [e.key for e in entries[i : i + DELETE_BATCH]]
+            for i in range(0, len(entries), DELETE_BATCH)
+        ]
+        done = store.map(lambda keys: backend.delete_many(keys, modified_before=cutoff), batches)
+        return [gone for batch in done for gone in batch]
     assert isinstance(backend, SupportsDelete)
 
     def delete(entry: Entry) -> bool:

@@ -81,7 +81,8 @@ def _length(n: int) -> bytes:
     return n.to_bytes(8, "big")
 
 
-def _encode(value: Any, path: str, out: bytearray) -> None:
+def _encode(value: Any, path: str, out: bytearray, active: dict[int, str] | None = None) -> None:
+    # ``active``: the containers being encoded on the way down to ``value`` (id -> path).
     np = sys.modules.get("numpy")  # a numpy value implies numpy is imported; never import it
     if np is not None and isinstance(value, np.generic | np.ndarray):
         _encode_numpy(np, value, path, out)
@@ -103,15 +104,19 @@ def _encode(value: Any, path: str, out: bytearray) -> None:
     elif kind is bytes or kind is bytearray:
         out += b"b" + _length(len(value)) + bytes(value)
     elif kind is list or kind is tuple:
+        active = _entering(value, path, active)
         out += (b"l" if kind is list else b"t") + _length(len(value))
         for i, item in enumerate(value):
-            _encode(item, f"{path}[{i}]", out)
+            _encode(item, f"{path}[{i}]", out, active)
+        del active[id(value)]
     elif kind is dict:
+        active = _entering(value, path, active)
         items = sorted((canonical_encode(k, f"{path} key {k!r}"), k, v) for k, v in value.items())
         out += b"d" + _length(len(items))
         for encoded_key, k, v in items:
             out += encoded_key
-            _encode(v, f"{path}[{k!r}]", out)
+            _encode(v, f"{path}[{k!r}]", out, active)
+        del active[id(value)]
     elif kind is set or kind is frozenset:
         members = sorted(canonical_encode(m, f"{path} member {m!r}") for m in value)
         out += b"S" + _length(len(members)) + b"".join(members)
@@ -138,6 +143,25 @@ def _encode(value: Any, path: str, out: bytearray) -> None:
             path=path,
             value_type=_type_name(value),
         )
+
+
+def _entering(value: Any, path: str, active: dict[int, str] | None) -> dict[int, str]:
+    """``active`` with the container ``value`` added; refuses one that contains itself.
+
+    Only the containers on the current path count: the same list twice side by side is fine.
+    Hashable members (dict keys, set members) cannot lead back to a list or dict.
+    """
+    if active is None:
+        active = {}
+    elif id(value) in active:
+        raise UnencodableValueError(
+            f"{path} is {active[id(value)]} itself: a {type(value).__name__} that contains "
+            "itself has no finite encoding for a node key; pass a value without the cycle",
+            path=path,
+            value_type=_type_name(value),
+        )
+    active[id(value)] = path
+    return active
 
 
 def _encode_numpy(np: Any, value: Any, path: str, out: bytearray) -> None:

@@ -4,7 +4,8 @@
 
     dagger-store                                    MARKER: the layout (MARKER_TEXT), written first
     v1/blobs/ab/<hex>                               blobs: leaves, and indexes of chunked blobs
-    v1/manifests/ab/<hex>                           manifests, by node key
+    v1/manifests/ab/<hex>                           manifests, by node key (generation 0)
+    v1/manifests/ab/<hex>.<n>                       generation n >= 1 of a node's manifest
     v1/experiments/<name>/<ns>-<random>.<kind>      experiment records (records.py)
     v1/leases/<node hex>/<generation>               leases on nodes being computed (leases.py)
     v1/pins/<name>                                  pins (pins.py)
@@ -75,6 +76,24 @@ def manifest_key(node: NodeKey) -> str:
     return f"{MANIFESTS}{node.hex[:2]}/{node.hex}"
 
 
+def manifest_generation_key(node: NodeKey, generation: int) -> str:
+    """Where generation ``generation`` of the manifest of ``node`` is stored: generation 0 is
+    ``manifest_key(node)``, a later one (a repair, a recompute) ``<that>.<generation>``."""
+    if not isinstance(generation, int) or generation < 0:
+        raise ValueError(f"a manifest generation is an int >= 0, got {generation!r}")
+    path = manifest_key(node)
+    return path if generation == 0 else f"{path}.{generation}"
+
+
+def manifest_generation(key: str) -> int | None:
+    """The generation of the manifest stored at ``key`` (listed under ``MANIFESTS``); None if it
+    names none."""
+    match = _MANIFEST_NAME.fullmatch(key.rsplit("/", 1)[-1])
+    if match is None:
+        return None
+    return int(match.group(2)) if match.group(2) else 0
+
+
 def blob_hex(key: str) -> str | None:
     """The hex of the blob stored at ``key`` (listed under ``BLOBS``); None if it names none."""
     name = key.rsplit("/", 1)[-1]
@@ -84,8 +103,12 @@ def blob_hex(key: str) -> str | None:
 def manifest_node(key: str) -> NodeKey | None:
     """The node whose manifest is stored at ``key`` (listed under ``MANIFESTS``); None if it
     names none."""
-    name = key.rsplit("/", 1)[-1]
-    return NodeKey(name) if HEX.fullmatch(name) else None
+    match = _MANIFEST_NAME.fullmatch(key.rsplit("/", 1)[-1])
+    return NodeKey(match.group(1)) if match else None
+
+
+# A manifest's name: the node's hex, then ``.<generation>`` for generations after the first.
+_MANIFEST_NAME = re.compile(r"([0-9a-f]{64})(?:\.([1-9][0-9]{0,8}))?")
 
 
 # -- experiment records ----------------------------------------------------------------------------

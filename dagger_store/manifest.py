@@ -48,6 +48,8 @@ class Frame:
 
     ``parse`` checks the header and the checksum; whether the signature is valid is for the
     reader to decide (``Store``, through ``signing.Signatures``) before it decodes the payload.
+    Experiment records use the same frame under their own ``magic`` (``records.py``); ``what``
+    names the object in errors.
     """
 
     payload: bytes
@@ -57,23 +59,25 @@ class Frame:
         if self.signature is not None and len(self.signature) != SIGNATURE_SIZE:
             raise ValueError(f"a manifest signature has {SIGNATURE_SIZE} bytes")
 
-    def encode(self) -> bytes:
+    def encode(self, magic: bytes = MAGIC) -> bytes:
         """The stored bytes: header, checksum, the signature if any, payload."""
+        _check_magic(magic)
         checksum = blake3(self.payload).digest()
         if self.signature is None:
-            return MAGIC + bytes([FORMAT_VERSION, 0, 0, 0]) + checksum + self.payload
+            return magic + bytes([FORMAT_VERSION, 0, 0, 0]) + checksum + self.payload
         return (
-            MAGIC + bytes([FORMAT_VERSION, SIGNED, 0, 0]) + checksum + self.signature + self.payload
+            magic + bytes([FORMAT_VERSION, SIGNED, 0, 0]) + checksum + self.signature + self.payload
         )
 
     @classmethod
-    def parse(cls, data: bytes, *, key: str) -> Frame:
+    def parse(cls, data: bytes, *, key: str, magic: bytes = MAGIC, what: str = "manifest") -> Frame:
         """Split stored bytes, verifying header and checksum; ``key`` names them in errors."""
-        if len(data) < _HEADER + _CHECKSUM or data[:4] != MAGIC:
-            raise IntegrityError(f"manifest {key!r} has no valid header (truncated?)", key=key)
+        _check_magic(magic)
+        if len(data) < _HEADER + _CHECKSUM or data[:4] != magic:
+            raise IntegrityError(f"{what} {key!r} has no valid header (truncated?)", key=key)
         if data[4] != FORMAT_VERSION:
             raise FormatError(
-                f"manifest {key!r} has format version {data[4]}; this dagger reads version "
+                f"{what} {key!r} has format version {data[4]}; this dagger reads version "
                 f"{FORMAT_VERSION}: upgrade dagger",
                 key=key,
             )
@@ -81,15 +85,15 @@ class Frame:
         if flags & ~SIGNED or data[6:8] != b"\0\0":
             # Version 1 defines these bits: any other value is a damaged header.
             raise IntegrityError(
-                f"manifest {key!r} has unknown header flags {data[5:8].hex()}: corrupt", key=key
+                f"{what} {key!r} has unknown header flags {data[5:8].hex()}: corrupt", key=key
             )
         checksum = data[_HEADER : _HEADER + _CHECKSUM]
         start = _HEADER + _CHECKSUM + (SIGNATURE_SIZE if flags & SIGNED else 0)
         if len(data) < start:
-            raise IntegrityError(f"manifest {key!r} is truncated", key=key)
+            raise IntegrityError(f"{what} {key!r} is truncated", key=key)
         payload = data[start:]
         if blake3(payload).digest() != checksum:
-            raise IntegrityError(f"manifest {key!r} fails its checksum: corrupt", key=key)
+            raise IntegrityError(f"{what} {key!r} fails its checksum: corrupt", key=key)
         signature = data[_HEADER + _CHECKSUM : start] if flags & SIGNED else None
         return cls(payload, signature)
 
@@ -158,6 +162,11 @@ class Manifest:
             return cls(blobs, doc["meta"])
         except (ValueError, TypeError, KeyError) as exc:
             raise FormatError(f"manifest {key!r} is not a valid manifest: {exc}", key=key) from exc
+
+
+def _check_magic(magic: bytes) -> None:
+    if not isinstance(magic, bytes) or len(magic) != len(MAGIC):
+        raise ValueError(f"a frame's magic is {len(MAGIC)} bytes, got {magic!r}")
 
 
 def _plain(value: Any, path: str) -> Any:

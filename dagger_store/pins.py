@@ -48,12 +48,22 @@ def pin(store: Store, name: str, keys: Iterable[NodeKey]) -> None:
     if not keys:
         raise ValueError(f"pin {name!r} names no node key: pin at least one")
     document = {"keys": sorted({k.hex for k in keys}), "pinned": time.time()}
-    if not store.backend.write_once(path, msgpack.packb(document, use_bin_type=True)):
+    data = msgpack.packb(document, use_bin_type=True)
+    if not store.backend.write_once(path, data) and not _is(store, path, data):
         raise PinExistsError(
             f"a pin called {name!r} exists already in {store.url}; pins are written once: "
             f"unpin {name!r} first to replace it, or choose another name",
             name=name,
         )
+
+
+def _is(store: Store, path: str, data: bytes) -> bool:
+    """Whether ``path`` holds exactly ``data``: our own write, landed on an earlier attempt
+    whose answer was lost (a retried create-if-absent then finds it taken)."""
+    try:
+        return store.backend.read(path) == data
+    except NotFoundError:
+        return False
 
 
 def unpin(store: Store, name: str) -> None:

@@ -18,7 +18,11 @@ it with its signing policy (``Store.trusted``).
 The signature is HMAC-SHA256 under the lab key of ``b"dagger-manifest-v1\\x00"``, the node key's
 hex, ``b"\\x00"`` and the manifest's canonical payload (``manifest.py`` documents where it sits in
 the stored frame). Binding the node key means a signed manifest copied under another node's key
-does not verify. The lab key is never stored, logged, pickled or put into an error message.
+does not verify. Experiment records (``records.py``) are signed the same way under their own
+domain, ``b"dagger-record-v1\\x00"``, binding the record's path in the store instead of a node
+key: a record copied to another experiment, kind or name does not verify, and no manifest
+signature ever verifies as a record's or the reverse. The lab key is never stored, logged,
+pickled or put into an error message.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ LAB_KEY_ENV = "DAGGER_LAB_KEY"
 LAB_KEY_FILE_ENV = "DAGGER_LAB_KEY_FILE"
 MIN_LAB_KEY_BYTES = 16
 _DOMAIN = b"dagger-manifest-v1\x00"
+_RECORD_DOMAIN = b"dagger-record-v1\x00"
 _HOW_TO_MAKE_ONE = 'python -c "import secrets; print(secrets.token_hex(32))"'
 
 
@@ -102,14 +107,25 @@ class LabKey:
 
     def sign(self, node: NodeKey, payload: bytes) -> bytes:
         """The signature of a manifest's canonical ``payload`` stored under ``node``."""
-        mac = hmac.new(self._secret, _DOMAIN, hashlib.sha256)
-        mac.update(node.hex.encode("ascii") + b"\x00")
-        mac.update(payload)
-        return mac.digest()
+        return self._mac(_DOMAIN, node.hex, payload)
 
     def verifies(self, node: NodeKey, payload: bytes, signature: bytes) -> bool:
         """Whether ``signature`` is this key's signature of ``payload`` under ``node``."""
         return hmac.compare_digest(self.sign(node, payload), signature)
+
+    def sign_record(self, key: str, payload: bytes) -> bytes:
+        """The signature of an experiment record's ``payload`` stored at ``key`` (its path)."""
+        return self._mac(_RECORD_DOMAIN, key, payload)
+
+    def verifies_record(self, key: str, payload: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` is this key's signature of the record ``payload`` at ``key``."""
+        return hmac.compare_digest(self.sign_record(key, payload), signature)
+
+    def _mac(self, domain: bytes, name: str, payload: bytes) -> bytes:
+        mac = hmac.new(self._secret, domain, hashlib.sha256)
+        mac.update(name.encode("ascii") + b"\x00")
+        mac.update(payload)
+        return mac.digest()
 
     def __repr__(self) -> str:
         return "LabKey(<hidden>)"
@@ -162,6 +178,31 @@ class Signatures:
                 "the lab key: it was tampered with, or signed with another lab key. Nothing in it "
                 f"was loaded; check that lab_key=, ${LAB_KEY_ENV} or ${LAB_KEY_FILE_ENV} holds the "
                 "lab's key",
+            )
+
+    def sign_record(self, key: str, payload: bytes) -> bytes | None:
+        return None if self.lab_key is None else self.lab_key.sign_record(key, payload)
+
+    def check_record(self, key: str, payload: bytes, signature: bytes | None, where: str) -> None:
+        """Refuse (UntrustedError) the experiment record at ``key`` in ``where``: its verified
+        ``payload`` and ``signature`` (None: unsigned, as every record of the old format is)."""
+        if signature is None:
+            if self.required:
+                raise UntrustedError(
+                    f"the record {key!r} in {where} is not signed, and this store requires "
+                    "signatures: it was not written by a holder of the lab key (or by a dagger "
+                    "older than signed records). If it should be there, rewrite it with the lab "
+                    "key configured, or remove it",
+                    key=key,
+                )
+            return
+        if self.lab_key is not None and not self.lab_key.verifies_record(key, payload, signature):
+            raise UntrustedError(
+                f"the record {key!r} in {where} has a signature that does not match the lab key "
+                "at that path: it was tampered with, moved from another path, or signed with "
+                f"another lab key; check that lab_key=, ${LAB_KEY_ENV} or ${LAB_KEY_FILE_ENV} "
+                "holds the lab's key",
+                key=key,
             )
 
 

@@ -11,9 +11,33 @@ Invariants:
 - Commit order: every blob a manifest names is durable before the manifest is written, once
   (first writer wins). A manifest counts only when every blob it names exists, so a crash
   between blobs and manifest, or a lost blob, is a miss and never a hit with holes.
+- No dead ends: a node's manifest has *generations*, each written once by the same
+  create-if-absent primitive. Generation 0 is at ``v1/manifests/ab/<hex>`` (the format of every
+  store written before generations existed); generation n >= 1 at ``v1/manifests/ab/<hex>.<n>``.
+  The node's manifest is its newest generation; older ones are superseded history. A
+  repairing commit (``repair=True``: the orchestrator's) that finds the newest generation
+  incomplete (a blob lost outside gc: an rm, an NFS hiccup, a lifecycle rule) writes the next
+  one, so a node whose recipe is not bit-for-bit deterministic is repaired by recomputing it
+  (a plain commit still refuses: IncompleteManifestError, saying how). A repairing commit
+  supersedes a manifest that readers with the key refuse (unsigned where signatures are
+  required, or mis-signed) the same way. A commit may also name a generation to supersede
+  although it is complete (``replaces``: recompute on demand, after a fixed bug). Of concurrent
+  writers of one generation exactly one wins; the others get ``Commit(won=False)`` with the
+  winner's manifest. Readers take the newest generation, never an older complete one: an older
+  one may be a result someone deliberately superseded, and gc collects its blobs (it marks only
+  what the newest generation names). A manifest is one object, so a reader sees one
+  generation, whole: the one that was newest when it looked, or a newer one.
+- Finding the newest generation: the existence round that asks for ``<hex>`` asks for
+  ``<hex>.1`` too (one round, twice the names: a complete generation 0 may have been superseded
+  on purpose, so "list only where generation 0 is incomplete" would miss recomputes); only the
+  few nodes that have a generation 1 are probed further, one round per generation.
+  Generations are contiguous (each is written only after its predecessor was seen), so the
+  first absent one ends the search.
 - With a lab key, every manifest committed is signed; a signature read is checked before the
   manifest is decoded, and where signatures are required an unsigned or mis-signed manifest is
-  never a hit (``signing.py``).
+  never a hit (``signing.py``). The signature binds the node key, as for generation 0, and
+  covers every generation (it does not bind the generation number: a key holder's older
+  manifest of the same node replayed as a newer generation passes the check).
 """
 
 from __future__ import annotations
@@ -47,7 +71,14 @@ from dagger_store.errors import (
 )
 from dagger_store.framing import HEADER_SIZE, Compressor, Framing
 from dagger_store.keys import NodeKey
-from dagger_store.layout import BLOBS, MANIFESTS, blob_hex, blob_key, manifest_key, manifest_node
+from dagger_store.layout import (
+    BLOBS,
+    MANIFESTS,
+    blob_hex,
+    blob_key,
+    manifest_generation_key,
+    manifest_node,
+)
 from dagger_store.manifest import Frame, Manifest
 from dagger_store.signing import LabKey, Signatures
 
@@ -72,6 +103,7 @@ class Commit:
     key: NodeKey
     manifest: Manifest
     won: bool
+    generation: int = 0  # of the manifest now stored: 0 unless the node was repaired/recomputed
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,13 +355,28 @@ class Store:
 
     # -- manifests -----------------------------------------------------------------------------
 
-    def commit(self, key: NodeKey, manifest: Manifest) -> Commit:
-        """Store ``manifest`` under ``key`` unless a manifest is there already (first writer wins).
+    def commit(
+        self,
+        key: NodeKey,
+        manifest: Manifest,
+        *,
+        repair: bool = False,
+        replaces: int | None = None,
+    ) -> Commit:
+        """Store ``manifest`` under ``key`` unless a manifest is there already (first writer
+        wins).
 
-        Every blob the manifest names must already be stored (put them first): otherwise
-        IncompleteManifestError, and nothing is written.
+        ``repair``: if the node's manifest names a lost blob (or is refused as untrusted:
+        unsigned where signatures are required, or mis-signed), write the next generation, which
+        supersedes it (without it: IncompleteManifestError, as ever; the orchestrator always
+        repairs). ``replaces``: a generation (from ``generations``) to supersede even though it
+        is complete (recompute on demand; implies ``repair``). Of writers of one generation,
+        one wins. Every blob ``manifest`` names must already be stored (put them first):
+        otherwise IncompleteManifestError, and nothing is written.
         """
         _check_node_key(key)
+        if replaces is not None and (not isinstance(replaces, int) or replaces < 0):
+            raise ValueError(f"replaces is a generation (an int >= 0), got {replaces!r}")
         missing = self._missing_blobs(manifest)
         if missing:
             raise IncompleteManifestError(
@@ -339,27 +386,93 @@ class Store:
                 missing=tuple(missing),
             )
         payload = manifest.payload()
-        frame = Frame(payload, self._signatures.sign(key, payload))
-        if self.backend.write_once(manifest_key(key), frame.encode()):
-            return Commit(key, manifest, won=True)
-        return Commit(key, self.get_manifest(key), won=False)
+        data = Frame(payload, self._signatures.sign(key, payload)).encode()
+        generation = 0 if replaces is None else replaces + 1
+        while True:
+            if self.backend.write_once(manifest_generation_key(key, generation), data):
+                return Commit(key, manifest, won=True, generation=generation)
+            # Taken: each round either returns or moves past a generation that exists, so this
+            # ends (generations only grow).
+            newest = self._newest_generation(key)
+            if newest is None:  # deleted meanwhile (gc of an unreferenced node): start over
+                generation = 0
+                continue
+            try:
+                theirs = self._read_manifest(key, newest)
+            except UntrustedError:
+                if not repair and replaces is None:
+                    raise
+                # Refused by every reader with the key (unsigned where signatures are
+                # required, or mis-signed): a dead end like a lost blob, so it is superseded
+                # by a manifest signed with our key.
+                generation = newest + 1
+                continue
+            lost = self._missing_blobs(theirs)
+            if (replaces is None or newest > replaces) and not lost:
+                return Commit(key, theirs, won=False, generation=newest)
+            if lost and not repair and replaces is None:
+                raise self._incomplete(key, lost)
+            generation = newest + 1  # incomplete, or the one we were told to supersede
+
+    def generations(self, keys: Iterable[NodeKey]) -> dict[NodeKey, int]:
+        """The newest manifest generation of each key that has a manifest (complete or not),
+        in batched rounds (see the module docstring)."""
+        keys = list(keys)
+        for key in keys:
+            _check_node_key(key)
+        return self._newest_generations(keys)
+
+    def _newest_generations(self, keys: Sequence[NodeKey]) -> dict[NodeKey, int]:
+        names = [manifest_generation_key(k, g) for k in keys for g in (0, 1)]
+        present = self.backend.exists_many(names)
+        newest: dict[NodeKey, int] = {}
+        deeper: list[NodeKey] = []
+        for i, key in enumerate(keys):
+            if present[2 * i + 1]:
+                newest[key] = 1
+                deeper.append(key)
+            elif present[2 * i]:
+                newest[key] = 0
+        generation = 1
+        while deeper:
+            generation += 1
+            found = self.backend.exists_many(
+                [manifest_generation_key(k, generation) for k in deeper]
+            )
+            deeper = [k for k, p in zip(deeper, found, strict=True) if p]
+            newest.update(dict.fromkeys(deeper, generation))
+        return newest
+
+    def _newest_generation(self, key: NodeKey) -> int | None:
+        return self._newest_generations([key]).get(key)
 
     def get_manifest(self, key: NodeKey) -> Manifest:
-        """The manifest stored under ``key``, verified and complete.
+        """The manifest stored under ``key`` (its newest generation), verified and complete.
 
         NotFoundError if there is none; IncompleteManifestError if blobs it names are missing;
         UntrustedError if it is unsigned where signatures are required, or mis-signed.
         """
-        manifest = self._read_manifest(key)
+        _check_node_key(key)
+        generation = self._newest_generation(key)
+        if generation is None:
+            raise NotFoundError(
+                f"no manifest for node {key} in {self.url}", key=manifest_generation_key(key, 0)
+            )
+        manifest = self._read_manifest(key, generation)
         missing = self._missing_blobs(manifest)
         if missing:
-            raise IncompleteManifestError(
-                f"manifest {key} in {self.url} names {len(missing)} missing blob(s) "
-                f"({', '.join(missing[:3])}...): recompute the node to repair it",
-                key=str(key),
-                missing=tuple(missing),
-            )
+            raise self._incomplete(key, missing)
         return manifest
+
+    def _incomplete(self, key: NodeKey, missing: list[str]) -> IncompleteManifestError:
+        return IncompleteManifestError(
+            f"manifest {key} in {self.url} names {len(missing)} missing blob(s) "
+            f"({', '.join(missing[:3])}...): recompute the node to repair it (run its "
+            "experiment again, or Store.commit(..., repair=True): the new manifest supersedes "
+            "this one)",
+            key=str(key),
+            missing=tuple(missing),
+        )
 
     def missing(self, keys: Iterable[NodeKey]) -> list[NodeKey]:
         """The keys, in the given order, that have no complete manifest (see ``manifests``)."""
@@ -371,15 +484,24 @@ class Store:
         """The complete manifests among ``keys``; absent, incomplete and untrusted (unsigned where
         signatures are required, or mis-signed: logged as a warning) ones are left out.
 
-        Batched: one existence round for the manifests, their reads in parallel, then one
+        Each key's newest generation counts (see the module docstring).
+
+        Batched: one existence round for the manifests (and their generation 1), one more per
+        later generation for the few keys that have one, their reads in parallel, then one
         existence round for every blob they name.
         """
         keys = list(keys)
         for key in keys:
             _check_node_key(key)
-        present = self.backend.exists_many([manifest_key(k) for k in keys])
-        found = sorted({k for k, p in zip(keys, present, strict=True) if p})
-        read = dict(zip(found, self.map(self._trusted_manifest_or_none, found), strict=True))
+        newest = self._newest_generations(keys)
+        found = sorted(newest)
+        read = dict(
+            zip(
+                found,
+                self.map(lambda k: self._trusted_manifest_or_none(k, newest[k]), found),
+                strict=True,
+            )
+        )
         manifests = {k: m for k, m in read.items() if m is not None}
         digests = sorted(
             {d for m in manifests.values() for d in m.blobs.values()}, key=lambda d: d.hex
@@ -388,17 +510,42 @@ class Store:
         return {k: m for k, m in manifests.items() if all(stored[d] for d in m.blobs.values())}
 
     def manifest_keys(self) -> Iterator[NodeKey]:
-        """Every node key that has a manifest (complete or not)."""
+        """Every node key that has a manifest (complete or not), once (whatever its
+        generations)."""
+        seen: set[NodeKey] = set()
         for path in self.backend.iter_keys(MANIFESTS):
             key = manifest_node(path)
             if key is None:
                 raise InvalidKeyError(
                     f"{path!r} in {self.url} is not a manifest dagger wrote: remove it"
                 )
-            yield key
+            if key not in seen:
+                seen.add(key)
+                yield key
 
-    def _read_manifest(self, key: NodeKey) -> Manifest:
-        path = manifest_key(key)
+    def incomplete(self, keys: Iterable[NodeKey] | None = None) -> dict[NodeKey, tuple[str, ...]]:
+        """The nodes among ``keys`` (default: every node with a manifest) whose newest manifest
+        names blobs that are not stored, each with those blobs (``str(Digest)``), in batched
+        rounds. A run of an experiment that names such a node recomputes it."""
+        keys = list(self.manifest_keys() if keys is None else keys)
+        for key in keys:
+            _check_node_key(key)
+        newest = self._newest_generations(keys)
+        found = sorted(newest)
+        read = self.map(lambda k: self._trusted_manifest_or_none(k, newest[k]), found)
+        manifests = {k: m for k, m in zip(found, read, strict=True) if m is not None}
+        digests = sorted(
+            {d for m in manifests.values() for d in m.blobs.values()}, key=lambda d: d.hex
+        )
+        stored = dict(zip(digests, self.has_blobs(digests), strict=True))
+        lost = {
+            k: tuple(str(d) for d in m.blobs.values() if not stored[d])
+            for k, m in manifests.items()
+        }
+        return {k: v for k, v in lost.items() if v}
+
+    def _read_manifest(self, key: NodeKey, generation: int = 0) -> Manifest:
+        path = manifest_generation_key(key, generation)
         try:
             data = self.backend.read(path)
         except NotFoundError as exc:
@@ -407,9 +554,9 @@ class Store:
         self._signatures.check(key, frame, self.url)  # before a byte of the payload is decoded
         return Manifest.from_payload(frame.payload, key=path)
 
-    def _trusted_manifest_or_none(self, key: NodeKey) -> Manifest | None:
+    def _trusted_manifest_or_none(self, key: NodeKey, generation: int = 0) -> Manifest | None:
         try:
-            return self._read_manifest(key)
+            return self._read_manifest(key, generation)
         except UntrustedError as exc:
             logger.warning("not a cache hit: %s", exc)
             return None

@@ -9,8 +9,8 @@ backend per test) and ``plant`` (write straight into the storage, not through th
         def plant(self, backend, key, data): ...
         def age(self, backend, key, seconds): ...   # optional: see BackendContract.age
 
-The optional capabilities (``read_into``; ``delete``, ``iter_entries`` and ``touch`` for garbage
-collection) are tested on every backend that offers them.
+The optional capabilities (``read_into``; ``delete``, ``delete_many``, ``iter_entries`` and
+``touch`` for garbage collection) are tested on every backend that offers them.
 
 Never silence a test in a subclass; mark it ``xfail(strict=True, reason=...)`` if a backend
 truly cannot pass it.
@@ -45,6 +45,7 @@ from dagger_store.backends.base import (
     Entry,
     SupportsCreate,
     SupportsDelete,
+    SupportsDeleteMany,
     SupportsEntries,
     SupportsReadInto,
     SupportsTouch,
@@ -275,6 +276,73 @@ class BackendContract:
         if isinstance(backend, SupportsTouch):
             with pytest.raises(InvalidKeyError):
                 backend.touch(key)
+
+    # -- batched deletes (SupportsDeleteMany) ----------------------------------------------------
+
+    def _deletes_many(self, backend: Backend) -> SupportsDeleteMany:
+        if not isinstance(backend, SupportsDeleteMany):
+            pytest.skip("backend does not offer delete_many (gc deletes key by key there)")
+        return backend
+
+    def test_delete_many_says_what_it_removed_in_order(self, backend: Backend) -> None:
+        many = self._deletes_many(backend)
+        for key in ("b/1", "b/2", "b/3"):
+            backend.write_once(key, b"v")
+        assert many.delete_many(["b/3", "b/none", "b/1", "b/3"]) == [True, False, True, False]
+        assert backend.exists_many(["b/1", "b/2", "b/3"]) == [False, True, False]
+        assert set(backend.iter_keys("b/")) == {"b/2"}
+        assert many.delete_many([]) == []
+        assert many.delete_many(["b/1"]) == [False]
+        assert backend.write_once("b/1", b"again")  # write-once starts afresh
+        assert backend.read("b/1") == b"again"
+
+    def test_delete_many_only_what_is_older_than_asked(self, backend: Backend) -> None:
+        many = self._deletes_many(backend)
+        keys = ["o/a", "o/b/c", "o/d"]
+        for key in keys:
+            backend.write_once(key, key.encode())
+        now = time.time()
+        assert many.delete_many(keys, modified_before=now - 3600) == [False] * 3  # too new
+        assert backend.exists_many(keys) == [True] * 3
+        later = now + 3600
+        assert many.delete_many([*keys, "o/none"], modified_before=later) == [True] * 3 + [False]
+        assert list(backend.iter_keys("o/")) == []
+
+    def test_delete_many_spares_what_was_touched_since(self, backend: Backend) -> None:
+        many = self._deletes_many(backend)
+        if not isinstance(backend, SupportsTouch):
+            pytest.skip("backend does not offer touch")
+        backend.write_once("g/old", b"garbage")
+        backend.write_once("g/reused", b"reused")
+        # A collector lists both now, older than cutoff; then a writer reuses one.
+        if self.age(backend, "g/old", 3600) and self.age(backend, "g/reused", 3600):
+            cutoff = time.time() - 1800
+        else:
+            time.sleep(1.1)
+            cutoff = float(math.floor(time.time()))
+        assert backend.touch("g/reused")
+        assert many.delete_many(["g/old", "g/reused"], modified_before=cutoff) == [True, False]
+        assert backend.read("g/reused") == b"reused"
+        assert backend.exists_many(["g/old"]) == [False]
+
+    def test_delete_many_answers_for_many_keys(self, backend: Backend) -> None:
+        many = self._deletes_many(backend)
+        keys = [f"n/{i % 3}/{i:03d}" for i in range(150)]
+        for key in keys[::2]:
+            backend.write_once(key, b"v")
+        later = time.time() + 3600
+        assert many.delete_many(keys, modified_before=later) == [i % 2 == 0 for i in range(150)]
+        assert list(backend.iter_keys("n/")) == []
+
+    @pytest.mark.parametrize("key", ["", "../up", "a//b", ".hidden", "a/"])
+    def test_delete_many_refuses_bad_keys_before_io(self, backend: Backend, key: str) -> None:
+        many = self._deletes_many(backend)
+        backend.write_once("ok", b"v")
+        with pytest.raises(InvalidKeyError):
+            many.delete_many(["ok", key])
+        with pytest.raises(InvalidKeyError):
+            many.delete_many(["ok", key], modified_before=time.time() + 3600)
+        assert backend.exists_many(["ok"]) == [True]
 
 
 # -- a real S3 server on loopback ------------------------------------------------------------------

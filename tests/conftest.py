@@ -86,3 +86,42 @@ def s3_url(s3_bucket: str) -> str:
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")) if p
 )
+
+
+@pytest.fixture
+def fault_proxy(s3_endpoint: str) -> Iterator[Any]:
+    """A fault-injecting HTTP proxy on 127.0.0.1 in front of the moto server (tests/faults.py);
+    it injects nothing until told to (``fault_proxy.inject(...)``) and stops at teardown."""
+    from faults import FaultProxy
+
+    with FaultProxy(s3_endpoint, seed=20261130) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxy_storage_options(fault_proxy: Any, s3_storage_options: dict[str, Any]) -> dict[str, Any]:
+    """s3fs options reaching the moto server through ``fault_proxy``; s3fs's and botocore's
+    retry settings left at their defaults, as a user would have them."""
+    return {**s3_storage_options, "endpoint_url": fault_proxy.url}
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs mounted for this test (root only), unmounted at teardown."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill the disk needs root")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip() or mount.returncode}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)

@@ -7,9 +7,11 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from s3_requests import S3Requests
 from toy_experiment import State, Train
 
 import dagger_orchestrate as dg
@@ -17,6 +19,7 @@ import dagger_store as ds
 from dagger_store import leases
 from dagger_store.backends.base import Buffer, Entry, SupportsEntries
 from dagger_store.backends.local import LocalBackend
+from dagger_store.backends.s3 import S3Backend
 from dagger_store.digest import LEAF_SIZE
 from dagger_store.gc import (
     BLOCKED,
@@ -30,9 +33,9 @@ from dagger_store.gc import (
     collect,
     delete_experiment,
 )
-from dagger_store.layout import BLOBS, MANIFESTS, blob_key, manifest_key
+from dagger_store.layout import BLOBS, MANIFESTS, blob_key, manifest_key, record_key
 from dagger_store.pins import PinExistsError, pin, pins, unpin
-from dagger_store.records import add_record, read_records
+from dagger_store.records import MAGIC, add_record, read_records
 
 DAY = 24 * 3600.0
 RNG = np.random.default_rng(11)
@@ -455,6 +458,59 @@ def test_an_unreadable_manifest_stops_the_blob_sweep(store: ds.Store) -> None:
     assert dict(report.kept_blobs) == {BLOCKED: 1}
     assert key.hex in report.problems[0] and "problem:" in str(report)
     assert store.get(loose)
+
+
+def test_a_corrupt_record_stops_the_collection_before_anything_goes(store: ds.Store) -> None:
+    key = ds.node_key("state", {"named by": "a record nobody can read"})
+    store.commit(key, ds.Manifest({"v": store.put(b"kept by an unreadable record" * 10)}))
+    store.put(b"garbage, but the collection never gets that far")
+    add_record(store, "exp", "def", [], {})
+    broken = record_key("exp", "def", time.time_ns(), "f" * 32)
+    header = MAGIC + bytes([1, 0, 0, 0])  # a record's header; its checksum does not match
+    store.backend.write_once(broken, header + bytes(32) + b"\x81\xa4keys\x91\xd9\x40" + b"a" * 64)
+    before = snapshot(store)
+    for dry_run in (True, False):
+        with pytest.raises(ds.IntegrityError, match="refused, nothing deleted") as info:
+            collect(store, now=later(), dry_run=dry_run)
+        assert info.value.key == broken
+        assert broken in str(info.value) and "fails its checksum" in str(info.value)
+    assert snapshot(store) == before
+
+
+@pytest.mark.slow
+def test_gc_on_s3_deletes_in_batches_and_keeps_a_blob_touched_meanwhile(
+    s3_url: str, s3_storage_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = [b"a loose blob, %05d, " % i * 3 for i in range(1_100)]
+    with ds.open_store(s3_url, storage_options=s3_storage_options) as store:
+        digests = store.put_many(values)
+        garbage = ds.node_key("state", {"unreferenced": True})
+        store.commit(garbage, ds.Manifest({"v": digests[0]}))
+        time.sleep(2.1)  # older than a grace period of a second, to S3's whole seconds
+        backend = store.backend
+        assert isinstance(backend, S3Backend)
+        listing = backend.iter_entries
+
+        def listing_then_a_put(prefix: str = "") -> Iterator[Entry]:
+            yield from listing(prefix)
+            if prefix == BLOBS:  # a writer's put deduplicates against it right after we listed
+                assert store.put(values[7]) == digests[7]
+
+        monkeypatch.setattr(backend, "iter_entries", listing_then_a_put)
+        requests = S3Requests(backend)
+        report = collect(store, grace=1, keep_recent=1, dry_run=False)
+        requests.close()
+        assert report.ok and report.manifests == (garbage,)
+        assert set(report.blobs) == {blob_path(d) for d in digests} - {blob_path(digests[7])}
+        assert dict(report.kept_blobs) == {CHANGED: 1}
+        # One DeleteObjects for the manifest; the blobs in a batch of 1,000 keys and one of the
+        # other 100, less the one spared when its batch was checked again.
+        spared_in_first = sorted(blob_path(d) for d in digests).index(blob_path(digests[7])) < 1000
+        blob_batches = [999, 100] if spared_in_first else [1_000, 99]
+        assert sorted(requests.deleted) == sorted([1, *blob_batches])
+        assert "DeleteObject" not in requests.made
+        assert store.get(digests[7]) == values[7]
+        assert [e.key for e in listing(BLOBS)] == [blob_path(digests[7])]
 
 
 def test_collect_needs_listing_and_deleting(local_store: ds.Store) -> None:

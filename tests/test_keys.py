@@ -280,3 +280,42 @@ def test_content_keys_are_equal_across_processes_and_hash_seeds(tmp_path: Path) 
         outputs.add(done.stdout)
     assert len(outputs) == 1
     assert dict(line.split() for line in outputs.pop().splitlines()) == GOLDEN_CONTENT_KEYS
+
+
+def _contains_itself(kind: str) -> Any:
+    if kind == "list":
+        items: list[Any] = [0]
+        items.append(items)
+        return items
+    if kind == "dict":
+        mapping: dict[str, Any] = {}
+        mapping["me"] = [mapping]
+        return mapping
+    holder: list[Any] = []
+    outer = (holder,)
+    holder.append({"t": outer})
+    return outer
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "back_to"),
+    [
+        ("list", "fields['x'][1]", "fields['x']"),
+        ("dict", "fields['x']['me'][0]", "fields['x']"),
+        ("tuple", "fields['x'][0][0]['t']", "fields['x']"),
+    ],
+)
+def test_a_value_that_contains_itself_is_refused_not_recursed(
+    kind: str, path: str, back_to: str
+) -> None:
+    with pytest.raises(ds.UnencodableValueError) as info:
+        ds.node_key("k", {"x": _contains_itself(kind)})
+    assert info.value.path == path and info.value.value_type == kind
+    assert f"{path} is {back_to} itself" in str(info.value)
+
+
+def test_the_same_object_twice_is_not_a_cycle() -> None:
+    shared = {"a": [1, 2]}
+    assert ds.node_key("k", {"x": [shared, shared], "y": (shared,)}) == ds.node_key(
+        "k", {"x": [{"a": [1, 2]}, {"a": [1, 2]}], "y": ({"a": [1, 2]},)}
+    )

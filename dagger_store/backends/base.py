@@ -16,13 +16,13 @@ Invariants every backend keeps (``dagger_store.testing.BackendContract`` checks 
 
 Optional capabilities, each its own small protocol (``isinstance`` tells whether a backend has
 it): ``SupportsReadInto`` (read into a caller's buffer), ``SupportsCreate`` (make the location
-itself, e.g. a folder), and for garbage collection
-``SupportsDelete``, ``SupportsEntries`` (keys with size and modification time) and
+itself, e.g. a folder), and for garbage collection ``SupportsDelete``, ``SupportsDeleteMany``
+(the same, batched), ``SupportsEntries`` (keys with size and modification time) and
 ``SupportsTouch`` (refresh a key's modification time). A modification time is the storage's own
 clock (file mtime, S3 LastModified), in epoch seconds; ``write_once`` sets it, ``touch`` moves it
 to now, nothing else changes it. Garbage collection relies on exactly that: a writer touches what
 it reuses, and the collector deletes only what is older than its grace period, re-checked at the
-moment of deletion (``delete(key, modified_before=...)``).
+moment of deletion (``delete(key, modified_before=...)``, ``delete_many``).
 
 Policy (hashing, verification, layout, manifests) lives above the seam in ``Store``.
 """
@@ -161,6 +161,26 @@ class SupportsDelete(Protocol):
         that instant, checked as late as the storage allows (atomically where it can), and
         return False otherwise: a collector's decision from an old listing never removes what a
         writer has touched since.
+        """
+        ...
+
+
+@runtime_checkable
+class SupportsDeleteMany(Protocol):
+    """A backend that removes many keys in batched rounds (S3: ``DeleteObjects``, 1,000 keys a
+    request, instead of a HEAD and a DELETE per key). Garbage collection uses it where offered,
+    else ``SupportsDelete`` key by key."""
+
+    def delete_many(
+        self, keys: Sequence[str], *, modified_before: float | None = None
+    ) -> list[bool]:
+        """``[delete(key, modified_before=modified_before) for key in keys]``, batched.
+
+        Whether this call removed each key, in order (a key given twice is removed once: True,
+        then False). Every key is checked (``check_key``) before anything is removed. With
+        ``modified_before``, a key is removed only if it was last modified before that instant,
+        checked as late as the storage allows; where the check and the removal cannot be one
+        atomic step, the backend's docstring says how long a touch can slip between them.
         """
         ...
 

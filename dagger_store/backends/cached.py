@@ -23,8 +23,10 @@ from dagger_store.backends.base import (
     Buffer,
     Entry,
     SupportsDelete,
+    SupportsDeleteMany,
     SupportsEntries,
     SupportsTouch,
+    check_key,
 )
 from dagger_store.backends.local import LocalBackend
 from dagger_store.errors import NotFoundError
@@ -84,6 +86,23 @@ class CachedBackend:
         deleted = self.origin.delete(key, modified_before=modified_before)
         if deleted:
             self.cache.delete(key)
+        return deleted
+
+    def delete_many(
+        self, keys: Sequence[str], *, modified_before: float | None = None
+    ) -> list[bool]:
+        origin = self.origin
+        if isinstance(origin, SupportsDeleteMany):
+            deleted = origin.delete_many(keys, modified_before=modified_before)
+        elif isinstance(origin, SupportsDelete):
+            for key in keys:
+                check_key(key)
+            deleted = [origin.delete(key, modified_before=modified_before) for key in keys]
+        else:
+            raise _incapable(origin, "delete")
+        for key, gone in zip(keys, deleted, strict=True):
+            if gone:
+                self.cache.delete(key)
         return deleted
 
     def touch(self, key: str) -> bool:

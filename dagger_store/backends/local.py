@@ -10,7 +10,9 @@ on NFS). ``touch`` is ``os.utime``; objects are read-only, so only their owner m
 times, and another user's object is refreshed by atomically replacing it with an identical copy
 of one's own. ``delete(key, modified_before=...)`` renames the file aside before it decides, so
 a touch either lands before the rename (the file is put back) or finds no file (and the writer
-writes the value again): no touch is ever lost to a check-then-unlink race.
+writes the value again): no touch is ever lost to a check-then-unlink race. There is no
+``delete_many`` (``SupportsDeleteMany``): a file system has no batched delete, and a collector's
+per-key deletes side by side on the store's pool beat any loop here (on NFS, round trips).
 """
 
 from __future__ import annotations

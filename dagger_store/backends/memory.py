@@ -95,6 +95,13 @@ class MemoryBackend:
             self._modified.pop(key, None)
             return True
 
+    def delete_many(
+        self, keys: Sequence[str], *, modified_before: float | None = None
+    ) -> list[bool]:
+        for key in keys:
+            check_key(key)
+        return [self.delete(key, modified_before=modified_before) for key in keys]
+
     def touch(self, key: str) -> bool:
         check_key(key)
         with self._lock:

@@ -19,6 +19,22 @@ Invariants, on top of those of ``backends.base``:
   and ``modified_before`` needs the current LastModified) and then the DELETE. S3 has no delete
   conditional on the modification time, so a touch landing between those two requests (one
   round trip) is lost; the writer's commit then finds the blob missing and refuses (see gc.py).
+- ``delete_many`` (what gc uses) takes the keys in sorted batches of up to ``DELETE_BATCH``
+  (1,000, S3's limit). It checks each batch's ages again: from a listing of the batch's key
+  range when a few LIST pages cover it (a page answers for up to 1,000 keys; listings are
+  strongly consistent, like HEADs), else, for the keys the pages did not reach, from HEADs
+  (concurrent, at most ``MAX_IN_FLIGHT``, as in ``exists_many``). Then one ``DeleteObjects``
+  (quiet: it answers only with per-key errors) removes those still older than the cutoff, while
+  the next batch is checked. Per-key errors S3 calls transient are retried after a new age
+  check; any other is a BackendError naming a key. So the age check and the removal are no
+  longer one pair of requests per object: a touch that lands after its key's check and before
+  its batch's DeleteObjects is lost, a window of one batch's check (a LIST page or two, or up to
+  1,000 HEADs, ``MAX_IN_FLIGHT`` at once) plus one request, where ``delete``'s is one round
+  trip. No conditional delete closes it: on general-purpose buckets S3 conditions a delete on
+  the ETag only (``If-Match``; ``ETag`` in a DeleteObjects entry), which a touch does not change
+  (a copy onto itself keeps the content, so the ETag), and its conditions on the modification
+  time (``x-amz-if-match-last-modified-time``; ``LastModifiedTime``) are for directory buckets
+  only. gc.py says why a lost touch still never makes a manifest with holes.
 
 S3 quirks relied on:
 
@@ -58,10 +74,15 @@ MAX_IN_FLIGHT = 64
 # of one LIST page per KEYS_PER_LIST_PAGE keys asked about.
 LIST_ABOVE = 100
 KEYS_PER_LIST_PAGE = 250
+# Keys per DeleteObjects request: S3's maximum.
+DELETE_BATCH = 1000
 
 _TAKEN = {"PreconditionFailed", "412"}
 _IN_FLIGHT_ELSEWHERE = {"ConditionalRequestConflict", "409"}
 _CONFLICT_RETRIES = 8
+# Per-key DeleteObjects errors worth another try (after the key's age is checked again).
+_DELETE_TRANSIENT = {"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"}
+_DELETE_ATTEMPTS = 3
 _DENIED = (
     PermissionError,
     botocore.exceptions.NoCredentialsError,
@@ -91,6 +112,7 @@ class S3Backend:
 
     remote = True
     list_page_size = 1000  # keys per LIST request; 1000 is S3's maximum
+    delete_batch_size = DELETE_BATCH  # keys per DeleteObjects request
 
     def __init__(self, fs: s3fs.S3FileSystem, root: str) -> None:
         bucket, _, prefix = root.partition("/")
@@ -196,7 +218,7 @@ class S3Backend:
         try:
             found: list[bool] = sync(self.fs.loop, self._exists_all, keys)
         except BaseExceptionGroup as group:  # TaskGroup: the first failure cancelled the rest
-            raise group.exceptions[0] from None
+            raise _first(group) from None
         return found
 
     async def _exists_all(self, keys: Sequence[str]) -> list[bool]:
@@ -282,6 +304,134 @@ class S3Backend:
                 return False
             sync(self.fs.loop, self.fs._call_s3, "delete_object", **bucket_key)
         return True
+
+    def delete_many(
+        self, keys: Sequence[str], *, modified_before: float | None = None
+    ) -> list[bool]:
+        """Batches of up to ``delete_batch_size`` keys, in key order: each batch's ages checked
+        again (a listing of its key range, else HEADs), then one DeleteObjects for the keys
+        still old enough, sent while the next batch is checked. See the module docstring."""
+        for key in keys:
+            check_key(key)
+        if not keys:
+            return []
+        try:
+            removed: set[str] = sync(
+                self.fs.loop, self._delete_all, sorted(set(keys)), modified_before
+            )
+        except BaseExceptionGroup as group:  # TaskGroup: the first failure cancelled the rest
+            raise _first(group) from None
+        result = []
+        for key in keys:
+            result.append(key in removed)
+            removed.discard(key)  # a key given twice is removed once
+        return result
+
+    async def _delete_all(self, keys: list[str], modified_before: float | None) -> set[str]:
+        removed: set[str] = set()
+        async with asyncio.TaskGroup() as group:
+            for start in range(0, len(keys), self.delete_batch_size):
+                batch = keys[start : start + self.delete_batch_size]
+                doomed = _older(batch, await self._ages(batch), modified_before)
+                if doomed:
+                    group.create_task(self._delete_batch(doomed, modified_before, removed))
+        return removed
+
+    async def _delete_batch(
+        self, keys: list[str], modified_before: float | None, removed: set[str]
+    ) -> None:
+        """One DeleteObjects for ``keys`` (just checked); adds what it removed to ``removed``."""
+        for attempt in range(_DELETE_ATTEMPTS):
+            with self._translated(keys[0]):
+                response = await self.fs._call_s3(
+                    "delete_objects",
+                    Bucket=self._bucket,
+                    Delete={"Objects": [{"Key": self._prefix + k} for k in keys], "Quiet": True},
+                )
+            # Quiet: the response lists only the keys that failed. S3 reports an absent key as
+            # deleted (the age check before has answered for those); another server may say
+            # NoSuchKey: gone all the same, not by this call.
+            errors = {
+                str(e.get("Key", ""))[len(self._prefix) :]: str(e.get("Code", ""))
+                for e in response.get("Errors", ())
+            }
+            removed.update(k for k in keys if k not in errors)
+            errors = {k: c for k, c in errors.items() if c != "NoSuchKey"}
+            refused = {k: c for k, c in errors.items() if c not in _DELETE_TRANSIENT}
+            if refused or (errors and attempt == _DELETE_ATTEMPTS - 1):
+                key, code = min((refused or errors).items())
+                advice = (
+                    "check that the credentials may s3:DeleteObject in this bucket"
+                    if refused
+                    else f"S3 kept failing after {_DELETE_ATTEMPTS} attempts"
+                )
+                raise BackendError(
+                    f"{self.url} did not delete {len(refused or errors)} of {len(keys)} objects "
+                    f"of one DeleteObjects request ({code} on {key!r}, ...): {advice}; then "
+                    "collect again (what was deleted stays deleted)",
+                    key=key,
+                )
+            if not errors:
+                return
+            await asyncio.sleep(0.1 * 2**attempt)
+            retry = sorted(errors)  # checked again: time has passed since their first check
+            keys = _older(retry, await self._ages(retry), modified_before)
+            if not keys:
+                return
+
+    async def _ages(self, keys: Sequence[str]) -> dict[str, float]:
+        """The modification time of each of ``keys`` (sorted) that exists, from a listing of
+        their range where a few pages cover it, else (for the rest) from concurrent HEADs."""
+        ages: dict[str, float] = {}
+        rest = await self._listed_ages(keys, ages) if len(keys) >= LIST_ABOVE else keys
+        if not rest:
+            return ages
+        in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+
+        async def head(key: str) -> None:
+            async with in_flight:
+                with self._translated(key):
+                    try:
+                        response = await self.fs._call_s3(
+                            "head_object", Bucket=self._bucket, Key=self._prefix + key
+                        )
+                    except FileNotFoundError:
+                        return
+                    ages[key] = _timestamp(response)
+
+        async with asyncio.TaskGroup() as group:
+            for key in rest:
+                group.create_task(head(key))
+        return ages
+
+    async def _listed_ages(self, keys: Sequence[str], ages: dict[str, float]) -> Sequence[str]:
+        """Fill ``ages`` from LIST pages of the range ``keys`` (sorted) spans, within a budget
+        of one page per ``KEYS_PER_LIST_PAGE`` keys; the keys the pages did not reach."""
+        # Character-wise: a listing is of names starting with a string, folder or not.
+        common = os.path.commonprefix(list(keys))  # noqa: RUF071
+        request: dict[str, Any] = {
+            "Bucket": self._bucket,
+            "Prefix": self._prefix + common,
+            "MaxKeys": self.list_page_size,
+        }
+        if len(keys[0]) > len(common):  # from just before the first key: its name cut short
+            request["StartAfter"] = self._prefix + keys[0][:-1]
+        wanted = set(keys)
+        for _ in range(max(1, len(keys) // KEYS_PER_LIST_PAGE)):
+            with self._translated(common):
+                page = await self.fs._call_s3("list_objects_v2", **request)
+            contents = page.get("Contents", ())
+            for item in contents:
+                key = item["Key"][len(self._prefix) :]
+                if key in wanted:
+                    ages[key] = _timestamp(item)
+            if not page.get("IsTruncated"):
+                return []  # the whole range is listed: a key not in it is absent
+            reached = contents[-1]["Key"][len(self._prefix) :] if contents else ""
+            if reached >= keys[-1]:
+                return []
+            request["ContinuationToken"] = page["NextContinuationToken"]
+        return [key for key in keys if key > reached]
 
     def touch(self, key: str) -> bool:
         check_key(key)
@@ -400,6 +550,17 @@ def _describe(exc: BaseException, fs: s3fs.S3FileSystem) -> str:
 def _timestamp(response: Mapping[str, Any]) -> float:
     modified = response["LastModified"]  # botocore parses it into an aware datetime
     return float(modified.timestamp())
+
+
+def _older(keys: Sequence[str], ages: Mapping[str, float], before: float | None) -> list[str]:
+    """The keys that exist (have an age) and, if ``before`` is given, were modified before it."""
+    return [k for k in keys if k in ages and (before is None or ages[k] < before)]
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first failure in a (possibly nested) TaskGroup failure."""
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _is_key(key: str) -> bool:
