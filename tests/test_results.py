@@ -432,7 +432,8 @@ def test_nodeset_results_are_the_rows_of_its_nodes(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
-def test_the_table_stays_fast_on_a_wide_tree(tmp_path: Path) -> None:
+def test_the_table_of_a_wide_tree_comes_from_records_alone(tmp_path: Path) -> None:
+    # Its speed is a benchmark's (benchmarks/bench_results.py), not a timed test's.
     exp = dg.Experiment(tmp_path / "exp", state_class=State)
     root = exp.spawn_new_tree(dataset_name="digits", seed=0)
     nodes = [Prune(fraction=i / 2000)(root) for i in range(2000)]
@@ -442,9 +443,7 @@ def test_the_table_stays_fast_on_a_wide_tree(tmp_path: Path) -> None:
         for i, n in enumerate(nodes)
     ]
     add_record(exp.store, exp.name, "run", [], {"results": results, "computed": []})
-    start = time.perf_counter()
     table = dg.Experiment.restore(tmp_path / "exp").results()
-    assert time.perf_counter() - start < 0.5
     assert len(table) == 2001 and table["sparsity"].tolist()[1:] == list(range(2000))
 
 
