@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -217,13 +216,11 @@ def test_report_cli_writes_one_self_contained_file(
     assert "no column 'nope'" in capsys.readouterr().err
 
 
-def test_report_of_1000_nodes_builds_within_5_seconds() -> None:
+def test_report_of_1000_nodes_shows_every_node_and_row() -> None:
+    # Its speed (<= 5 s) is benchmarks/bench_results.py's bar, not a timed test's.
     graph, table = synthetic(branches=(10, 10, 9))
     assert len(graph) == 1 + 10 + 100 + 900
-    start = time.perf_counter()
     text = report.report_html(graph.nodes, table, title="big", store_url="memory://big")
-    seconds = time.perf_counter() - start
-    assert seconds < 5, f"{seconds:.2f} s"
     assert text.count('<g class="node"') == len(graph)
     assert text.count("<tr id=") == len(graph)
 
