@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 import toy_experiment as toy
+from blob_reads import BlobReads
 from toy_experiment import Boom, Finetune, Prune, ReturnsNothing, State, Train, history, sparsity
 
 import dagger_orchestrate as dg
@@ -44,33 +45,6 @@ def pruning_tree(exp: dg.Experiment, lrs: tuple[float, ...] = (0.01, 0.1)) -> di
                 sparsity(p)
                 promises[f"prune {lr}"] = p
     return promises
-
-
-class BlobReads:
-    """Counts payload bytes read from a backend: wraps the real one, which still does the I/O."""
-
-    def __init__(self, backend: Any) -> None:
-        self.bytes = 0
-        self.hexes: set[str] = set()
-        read, read_into = backend.read, backend.read_into  # type: ignore[attr-defined]
-
-        def counted_read(key: str) -> bytes:
-            data = read(key)
-            self._count(key, len(data))
-            return data
-
-        def counted_read_into(key: str, offset: int, out: memoryview) -> int:
-            n: int = read_into(key, offset, out)
-            self._count(key, n)
-            return n
-
-        backend.read = counted_read  # type: ignore[method-assign]
-        backend.read_into = counted_read_into  # type: ignore[attr-defined]
-
-    def _count(self, key: str, n: int) -> None:
-        if key.startswith("v1/blobs/"):
-            self.bytes += n
-            self.hexes.add(key.rsplit("/", 1)[1])
 
 
 # -- definition and identity ---------------------------------------------------------------------

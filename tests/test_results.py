@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import toy_experiment as toy
+from blob_reads import BlobReads
 from toy_experiment import (
     Prune,
     State,
@@ -46,33 +47,6 @@ DAY = 24 * 3600.0
 def _clear_runs() -> Iterator[None]:
     toy.RUNS.clear()
     yield
-
-
-class BlobReads:
-    """Counts the bytes read from blob objects, and which ones: wraps the real backend."""
-
-    def __init__(self, backend: Any) -> None:
-        self.bytes = 0
-        self.hexes: set[str] = set()
-        read, read_into = backend.read, backend.read_into
-
-        def counted_read(key: str) -> bytes:
-            data = read(key)
-            self._count(key, len(data))
-            return data
-
-        def counted_read_into(key: str, offset: int, out: memoryview) -> int:
-            n: int = read_into(key, offset, out)
-            self._count(key, n)
-            return n
-
-        backend.read = counted_read
-        backend.read_into = counted_read_into
-
-    def _count(self, key: str, n: int) -> None:
-        if key.startswith("v1/blobs/"):
-            self.bytes += n
-            self.hexes.add(key.rsplit("/", 1)[1])
 
 
 def chain(exp: dg.Experiment) -> dict[str, dg.StatePromise]:
