@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_collab.py
 	$(PY) benchmarks/bench_lab.py
 	$(PY) benchmarks/bench_results.py
+	$(PY) benchmarks/bench_soak.py
 
 # Re-resolve the pins after changing dependencies (then run `make test`).
 lock:

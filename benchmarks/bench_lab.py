@@ -15,9 +15,12 @@ this one run (the machines are shared and noisy: compare ratios, not absolute ti
    of the manifests are referenced by an experiment record. ``keep_recent=0``
    and ``grace=0`` make every unreferenced object collectable. Dry run: best of ``--repeat``
    (local) or ``--s3-repeat`` (S3); then one real run, which deletes the unreferenced half of
-   the manifests and their unique blobs. The store is built by writing the objects directly
-   and concurrently (what ``commit`` writes, minus its existence checks). On S3 the real run
-   deletes in batches (``delete_many``: an age check by listing or HEADs, then one
+   the manifests and their unique blobs. The first dry run is a machine's first collection
+   of the store (the cache folder starts empty): it reads every kept manifest; what it reads,
+   it remembers (``dagger_store/marks.py``), so the real run after it reads only what it did not
+   (manifests younger than ``marks.SETTLE`` then). The store is built by writing the objects
+   directly and concurrently (what ``commit`` writes, minus its existence checks). On S3 the
+   real run deletes in batches (``delete_many``: an age check by listing or HEADs, then one
    DeleteObjects per 1,000 keys); its baseline is the same real run on a second bucket built
    alike, through a backend without ``delete_many``, so that gc deletes key by key (a HEAD,
    then a DELETE, per object) as it did before (``--skip-s3-baseline`` skips it). "of which
@@ -192,10 +195,12 @@ def deleting_time() -> Iterator[list[float]]:
     spent = [0.0]
     delete = gc_module._delete
 
-    def timed(store: ds.Store, entries: list[Entry], cutoff: float) -> list[bool]:
+    def timed(
+        store: ds.Store, entries: list[Entry], cutoff: float, listed_at: float | None = None
+    ) -> list[bool]:
         start = time.perf_counter()
         try:
-            return delete(store, entries, cutoff)
+            return delete(store, entries, cutoff, listed_at)
         finally:
             spent[0] += time.perf_counter() - start
 
@@ -326,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     size = int(args.size_gib * GIB) // 4 * 4
     work = Path(tempfile.mkdtemp(prefix="dagger-bench-lab-", dir=args.work_dir))
+    # gc remembers what manifests name (dagger_store/marks.py) in the user's cache: start empty.
+    os.environ["DAGGER_CACHE_DIR"] = str(work / "cache")
     print(
         f"dagger lab benchmark: {os.cpu_count()} cores, load average "
         f"{os.getloadavg()[0]:.2f}; scratch {work}",

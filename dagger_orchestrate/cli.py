@@ -156,7 +156,7 @@ def _ls(store: ds.Store, args: Any) -> int:
         print(f"no experiments in {store.url}")
     for name in names:
         runs = read_records(store, name, "run")
-        nodes = {k for r in read_records(store, name, "def") for k in r["keys"]}
+        nodes = {n["key"] for r in read_records(store, name, "def") for n in r["nodes"]}
         last = time.strftime("%Y-%m-%d %H:%M", time.localtime(runs[-1]["written"])) if runs else "-"
         print(f"{name:<40} {len(nodes):>6} nodes {len(runs):>5} runs   last run {last}")
     return OK
@@ -353,10 +353,12 @@ def _repair(store: ds.Store, args: Any) -> int:
         for node in redo:
             print(f"    {node.key.hex[:12]}  {node.label}")
         if after:
+            hexes = [n.key.hex for n in redo]
             print(
                 f"    their {len(after)} descendant(s) are complete and stay cached (they were "
-                "computed from the lost state); to recompute them as well: "
-                "exp.run(recompute=[...]) with the nodes above (descendants are included)"
+                "computed from the lost state); to recompute them as well, in the script "
+                "(descendants are included):\n"
+                f"      exp.run(recompute=[dagger_store.NodeKey(h) for h in {hexes!r}])"
             )
     if not args.dry_run and (lost or corrupt):
         print("\nto repair (dagger-lab does not run your recipes):")

@@ -71,7 +71,9 @@ class CallSpec:
 
     ``result_key``: where its value is stored, made from ``identity`` (``Function.identity``,
     computed once, where the run was started); ``save``: whether to store it (False when a
-    result is stored there already: the first writer's stays).
+    result is stored there already: the first writer's stays); ``replaces``: the generation of
+    a stored result to supersede (its node was recomputed on demand: the value is of the
+    superseded state).
     """
 
     index: int
@@ -81,6 +83,7 @@ class CallSpec:
     result_key: ds.NodeKey
     identity: Mapping[str, Any]
     save: bool = True
+    replaces: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +214,7 @@ def run_function(
         if call.save:
             save_result(
                 store, call.result_key, call.identity, call.function.name, call.node.key,
-                value, seconds,
+                value, seconds, replaces=call.replaces,
             )  # fmt: skip
         return Returned(call.index, value, seconds)
     except Exception as exc:

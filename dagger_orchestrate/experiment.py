@@ -138,6 +138,10 @@ class Experiment:
         Whether pickled attributes may load from the store (see ``dagger_store.open_store``);
         default: a local store you created, or one whose manifests must be signed with the lab
         key (``DAGGER_LAB_KEY``). True: you trust everyone who can write there.
+    strict_records
+        Reading this experiment's records (graph, results, ``load_result``): False (default)
+        skips a corrupt or untrusted record with a ``RecordWarning`` naming it; True raises
+        (IntegrityError or UntrustedError naming it) instead.
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class Experiment:
         name: str | None = None,
         cache_dir: str | bool = True,
         trust: bool | None = None,
+        strict_records: bool = False,
         _create: bool = True,
     ) -> None:
         if state_class is not None and not (
@@ -158,6 +163,7 @@ class Experiment:
             raise TypeError(f"state_class must subclass ExperimentState, got {state_class!r}")
         self.path = absolute(path)
         self.state_class = state_class
+        self.strict_records = strict_records
         options = dict(storage_options or {})
         folder = open_folder(self.path, options, store=store, name=name, create=_create)
         self.name = folder.name
@@ -263,11 +269,6 @@ class Experiment:
         redo = _recompute_keys(
             recompute, self._nodes, self._definition.all_tags(), recompute_descendants
         )
-        # Recorded first, so that the cached nodes this run relies on are already garbage
-        # collection roots when it looks them up.
-        self._record_definition()
-        plan = resolve(nodes, self.store, redo)
-        self._warn_stale(plan.cached)
         tags = self._definition.all_tags()
         identities = {id(c.function): c.function.identity for c in self._calls}
         calls = [
@@ -277,6 +278,11 @@ class Experiment:
             )
             for i, c in enumerate(self._calls)
         ]  # fmt: skip
+        # Recorded first, so that the cached nodes this run relies on, and the results it will
+        # store, are already garbage collection roots when it looks them up or writes them.
+        self._record_definition([c.result_key for c in calls])
+        plan = resolve(nodes, self.store, redo)
+        self._warn_stale(plan.cached)
         # One batched question for every call's stored result: cached Functions reuse theirs
         # (no state loaded, nothing run); the others run, and store a value only where none is.
         stored = self.store.manifests([c.result_key for c in calls]) if calls else {}
@@ -291,8 +297,23 @@ class Experiment:
             for c in calls
             if c.function.cache and c.result_key in hits
         }
+        # A recomputed node's stored results are superseded by the new values (one more
+        # batched round, only when something is recomputed).
+        superseded = (
+            self.store.generations(
+                c.result_key for c in calls if c.node.key in redo and c.result_key in stored
+            )
+            if redo
+            else {}
+        )
         to_run = [
-            replace(c, save=c.result_key not in stored) for c in calls if c.index not in reused
+            replace(
+                c,
+                save=c.result_key not in stored or c.result_key in superseded,
+                replaces=superseded.get(c.result_key),
+            )
+            for c in calls
+            if c.index not in reused
         ]
         terms = LeaseTerms(f"{host()}:{os.getpid()}:{uuid.uuid4().hex}",
                            lease_seconds, wait_timeout)  # fmt: skip
@@ -379,7 +400,9 @@ class Experiment:
             add_record(self.store, self.name, "accept", (), document)
         return tuple(s.key for s in stale)
 
-    def _record_definition(self) -> None:
+    def _record_definition(self, result_keys: Iterable[ds.NodeKey] = ()) -> None:
+        """The defined tree (nodes, tags, Function calls); its keys, the gc roots it makes,
+        are the nodes' and the keys their Functions' results are stored under."""
         nodes = [
             {
                 "key": n.key.hex,
@@ -402,7 +425,9 @@ class Experiment:
             "nodes": nodes,
             "calls": calls,
         }
-        add_record(self.store, self.name, "def", self._nodes, document)
+        add_record(
+            self.store, self.name, "def", dict.fromkeys([*self._nodes, *result_keys]), document
+        )
 
     def _record_run(self, report: RunReport, outcomes: Mapping[ds.NodeKey, Outcome]) -> None:
         """What ran, per computed node its seconds and finish time, and per Function result
@@ -441,7 +466,9 @@ class Experiment:
     def graph(self) -> Graph:
         """Every node this experiment has run, with tags, from its records (no payloads)."""
         if self._graph is None:
-            self._graph = Graph.from_records(self.store, self.name, self.state_class)
+            self._graph = Graph.from_records(
+                self.store, self.name, self.state_class, strict=self.strict_records
+            )
         return self._graph
 
     def results(self, provenance: bool = False) -> pd.DataFrame:
@@ -524,7 +551,9 @@ class Experiment:
             latest = next(
                 (
                     entry["result"]
-                    for run in reversed(read_records(self.store, self.name, "run"))
+                    for run in reversed(
+                        read_records(self.store, self.name, "run", strict=self.strict_records)
+                    )
                     for entry in reversed(run.get("results", ()))
                     if entry["function"] == function and entry["node"] == key.hex
                 ),
@@ -557,6 +586,7 @@ class Experiment:
         cache_dir: str | bool = True,
         trust: bool | None = None,
         state_class: type[ExperimentState] | None = None,
+        strict_records: bool = False,
     ) -> Experiment:
         """Reopen an experiment folder for analysis; ``slim=False`` also loads every state.
 
@@ -564,6 +594,8 @@ class Experiment:
         as the class the records name, imported (from a trusted store), or as ``state_class``
         when given: for a class that cannot be imported here, such as one defined in the
         training script (a ``StandInWarning`` says so when a stand-in is used instead).
+        ``strict_records``: raise on a corrupt or untrusted record instead of skipping it with
+        a warning (see the class).
         """
         exp = cls(
             path,
@@ -572,6 +604,7 @@ class Experiment:
             storage_options=storage_options,
             cache_dir=cache_dir,
             trust=trust,
+            strict_records=strict_records,
             _create=False,
         )
         if not slim:

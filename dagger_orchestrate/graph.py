@@ -158,22 +158,33 @@ class Graph:
     """The tree(s) of an experiment."""
 
     def __init__(
-        self, store: ds.Store, state_class: type[ExperimentState], experiment: str | None = None
+        self,
+        store: ds.Store,
+        state_class: type[ExperimentState],
+        experiment: str | None = None,
+        *,
+        strict: bool = False,
     ) -> None:
         self.store = store
         self.state_class = state_class
         self.experiment = experiment  # whose records it was built from (for results())
+        self.strict = strict  # a bad record raises (else it is skipped with a RecordWarning)
         self._by_key: dict[ds.NodeKey, GraphNode] = {}
         self._order: list[GraphNode] = []
 
     @classmethod
     def from_records(
-        cls, store: ds.Store, experiment: str, state_class: type[ExperimentState] | None
+        cls,
+        store: ds.Store,
+        experiment: str,
+        state_class: type[ExperimentState] | None,
+        *,
+        strict: bool = False,
     ) -> Graph:
-        definitions = read_records(store, experiment, "def")
+        definitions = read_records(store, experiment, "def", strict=strict)
         if state_class is None:
             state_class = _recorded_state_class(store, definitions)
-        graph = cls(store, state_class, experiment)
+        graph = cls(store, state_class, experiment, strict=strict)
         parents: dict[ds.NodeKey, ds.NodeKey | None] = {}
         tags: dict[ds.NodeKey, set[str]] = {}
         for definition in definitions:

@@ -87,8 +87,11 @@ def save_result(
     node: ds.NodeKey,
     value: Any,
     seconds: float,
+    *,
+    replaces: int | None = None,
 ) -> ds.Commit:
-    """Put ``value``'s blobs and commit its manifest under ``key`` (unless one is there).
+    """Put ``value``'s blobs and commit its manifest under ``key`` (unless a complete one is
+    there; one that names a lost blob is superseded, as is generation ``replaces``).
 
     ``identity`` (``Function.identity``, as the key was made from it) and ``name``
     (``Function.name``) describe the Function in the manifest; ``node`` is the node it ran on.
@@ -118,7 +121,7 @@ def save_result(
             "pid": os.getpid(),
         },
     }
-    return store.commit(key, ds.Manifest(blobs, meta))
+    return store.commit(key, ds.Manifest(blobs, meta), repair=True, replaces=replaces)
 
 
 def load_result(store: ds.Store, key: ds.NodeKey, manifest: ds.Manifest | None = None) -> Any:
@@ -211,7 +214,7 @@ def table(
     rows_of = list(graph.nodes if nodes is None else nodes)
     latest: dict[str, dict[str, Any]] = {}  # node hex -> Function name -> tabular value
     computed: dict[str, tuple[float, float]] = {}  # node hex -> (seconds, finished)
-    for run in read_records(graph.store, experiment, "run"):
+    for run in read_records(graph.store, experiment, "run", strict=graph.strict):
         for entry in run.get("results", ()):
             latest.setdefault(entry["node"], {})[entry["function"]] = entry["value"]
         for entry in run.get("computed", ()):

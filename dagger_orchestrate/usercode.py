@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import os
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from types import CodeType, FrameType, FunctionType, ModuleType
@@ -38,7 +39,8 @@ def source_hash(code: type | Callable[..., Any]) -> str:
     except (KeyError, TypeError):  # TypeError: an object that cannot be weakly referenced
         pass
     try:
-        text = inspect.getsource(code)
+        with _parsing:
+            text = inspect.getsource(code)
     except (OSError, TypeError):
         text = ""
     found = hashlib.sha256(text.encode()).hexdigest()[:16] if text else ""
@@ -48,6 +50,10 @@ def source_hash(code: type | Callable[..., Any]) -> str:
 
 
 _source_hashes: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+# One parse at a time: CPython 3.11's ast module is not safe in several threads at once (it can
+# raise "SystemError: AST constructor recursion depth mismatch"), and getsource of a class
+# parses its module; recipes' first states are saved by several worker threads together.
+_parsing = threading.Lock()
 
 
 def helper_hashes(cls: type) -> dict[str, str]:
@@ -132,7 +138,7 @@ def unguarded_main_line() -> tuple[str, int] | None:
     if line is None:
         return None
     try:
-        with open(path, "rb") as source:
+        with open(path, "rb") as source, _parsing:
             tree = ast.parse(source.read(), path)
     except (OSError, SyntaxError, ValueError):
         return None

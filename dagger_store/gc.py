@@ -3,8 +3,10 @@
 ::
 
     roots      every node key in an experiment record (records.py), in a pin (pins.py) or under
-               a live lease (leases.py), and every manifest modified within ``keep_recent``
-    manifests  those of roots are kept; the others are deleted first
+               a live lease (leases.py), and every node with a manifest generation modified
+               within ``keep_recent``
+    manifests  those of roots are kept (every generation); the others are deleted first,
+               newest generation first
     blobs      kept if a kept manifest names them (a chunked blob: its index and every leaf) or
                if modified within ``grace``; the others are deleted. Of a node's manifest
                generations (``store.py``) all are kept, but only the newest marks blobs:
@@ -43,7 +45,12 @@ Why collecting is safe while others write (the invariants, and what they rely on
   and the write, commits a manifest that counts as a miss (never a hit with holes) until the blob
   is put again. A longer window makes that rare event less rare, never unsafe: it costs a
   recomputation. Manifests are never touched; their check only spares one written anew since
-  the listing, and one lost in the window is likewise a miss.
+  the listing (deleted by another collector, then committed again), and one lost in the window
+  is likewise a miss. So on S3 a manifest listing that started at most ``FRESH_LISTING``
+  seconds before a batch is deleted serves as that batch's check (no second listing).
+- Blobs are listed while marking, after the manifest sweep: an age listed before a remaining
+  manifest's commit is young if the put or touch of that commit came first, and is checked
+  again at deletion if not, as above.
 - Manifests are listed again after the manifest sweep and every one then present marks its
   blobs, so a commit that raced the first listing still protects what it names.
 - Roots are read twice, at the start and just before manifests are deleted. A run should write
@@ -56,6 +63,8 @@ Why collecting is safe while others write (the invariants, and what they rely on
   or mis-signed still keeps what it names (keeping is always safe).
 - A manifest or index that cannot be read while marking stops the blob sweep: a blob is never
   deleted on a guess. Names that are not dagger's own are never deleted. The report says why.
+- What a manifest names is read once per machine: ``marks.py`` remembers it, for the manifest's
+  exact modification time and size, and says why a memory is never of another object.
 
 Clocks: ages are the storage's clock (the file server's, S3's) against this host's ``now``; a
 skew shortens or lengthens the grace period by as much, which 24 h absorbs.
@@ -66,7 +75,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import groupby
 from types import MappingProxyType
 
 from dagger_store import framing
@@ -93,6 +104,7 @@ from dagger_store.layout import (
 )
 from dagger_store.leases import live_keys
 from dagger_store.manifest import Manifest
+from dagger_store.marks import Marks
 from dagger_store.pins import pins
 from dagger_store.records import referenced_keys
 from dagger_store.store import Store
@@ -121,6 +133,9 @@ _ROOT_ATTEMPTS = 3
 # Keys handed to a backend's delete_many at once: S3's DeleteObjects limit, and small enough that
 # several batches run side by side.
 DELETE_BATCH = 1000
+# Seconds a remote store's listing of manifests serves as their age check (see _delete).
+FRESH_LISTING = 20.0
+_HEX_DIGITS = "0123456789abcdef"
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,13 +219,37 @@ def collect(
         raise TypeError(f"{store.url} cannot delete objects: only a dry run is possible there")
     now = time.time() if now is None else now
     blob_cutoff, manifest_cutoff = now - grace, now - keep_recent
+
+    with ThreadPoolExecutor(1, thread_name_prefix="dagger-gc") as aside:
+        return _collect(store, aside, blob_cutoff, manifest_cutoff, dry_run, now, started)
+
+
+def _collect(
+    store: Store,
+    aside: ThreadPoolExecutor,
+    blob_cutoff: float,
+    manifest_cutoff: float,
+    dry_run: bool,
+    now: float,
+    started: float,
+) -> GcReport:
+    """``collect`` once its arguments are checked; ``aside`` lists or reads side by side with
+    what does not depend on it (roots while manifests are listed; blobs while marking)."""
+    backend = store.backend
     kept_manifests: Counter[str] = Counter()
     kept_blobs: Counter[str] = Counter()
     problems: list[str] = []
 
     # -- manifests: keep roots and recent ones, delete the rest --------------------------------
-    listed = list(backend.iter_entries(MANIFESTS))
-    roots = _roots(store, now)
+    reading_roots = aside.submit(_roots, store, now)
+    listed, manifests_listed_at = _list(store, MANIFESTS)
+    roots = reading_roots.result()
+    # A node's generations go together: all kept while any is recent (else a surviving younger
+    # one would be hidden from readers, who look for generation 0 first).
+    written: dict[NodeKey, float] = {}
+    for entry in listed:
+        if (key := manifest_node(entry.key)) is not None:
+            written[key] = max(written.get(key, entry.modified), entry.modified)
     doomed: list[tuple[NodeKey, Entry]] = []
     for entry in listed:
         key = manifest_node(entry.key)
@@ -218,7 +257,7 @@ def collect(
             kept_manifests[UNRECOGNISED] += 1
         elif key in roots:
             kept_manifests[roots[key]] += 1
-        elif entry.modified >= manifest_cutoff:
+        elif written[key] >= manifest_cutoff:
             kept_manifests[RECENT] += 1
         else:
             doomed.append((key, entry))
@@ -229,21 +268,31 @@ def collect(
                 kept_manifests[roots[key]] += 1
         doomed = [(key, entry) for key, entry in doomed if key not in roots]
     if not dry_run:
-        gone = _delete(store, [entry for _, entry in doomed], manifest_cutoff)
+        # Newest generations first: a collection stopped midway never leaves a node whose
+        # generation 0 is gone while a later one is there.
+        doomed.sort(key=lambda d: -(manifest_generation(d[1].key) or 0))
+        gone: list[bool] = []
+        for _, batch in groupby(doomed, key=lambda d: manifest_generation(d[1].key) or 0):
+            gone += _delete(
+                store, [entry for _, entry in batch], manifest_cutoff, manifests_listed_at
+            )
         kept_manifests[CHANGED] += len(doomed) - sum(gone)
         doomed = [d for d, deleted in zip(doomed, gone, strict=True) if deleted]
     deleted_manifests = {entry.key for _, entry in doomed}
 
     # -- mark: every blob a remaining manifest names, with the leaves of chunked ones ----------
+    # (Blobs are listed meanwhile: an age listed before a remaining manifest's commit is young
+    # if that commit's put or touch came first, and is checked again if not; see _delete.)
+    listing_blobs = aside.submit(_list, store, BLOBS)
     if dry_run:
-        remaining = [e.key for e in listed if e.key not in deleted_manifests]
+        remaining = [e for e in listed if e.key not in deleted_manifests]
     else:  # listed again: a manifest committed meanwhile protects what it names too
-        remaining = [e.key for e in backend.iter_entries(MANIFESTS)]
-        kept_manifests[CHANGED] += len(set(remaining) - {e.key for e in listed})
-    remaining = _newest_generations([k for k in remaining if manifest_node(k) is not None])
+        remaining, _ = _list(store, MANIFESTS)
+        kept_manifests[CHANGED] += len({e.key for e in remaining} - {e.key for e in listed})
+    marks = Marks.load(store.url)  # what earlier collections here read: only the rest is read
     marked: set[str] = set()
     chunked: dict[str, Digest] = {}
-    for found in store.map(lambda k: _named_blobs(store, k), remaining):
+    for found in _read_marks(store, marks, _newest_generations(remaining)):
         if isinstance(found, str):
             problems.append(found)
             continue
@@ -251,10 +300,12 @@ def collect(
             marked.add(digest.hex)
             if digest.is_chunked:
                 chunked[digest.hex] = digest
-    problems.extend(_mark_leaves(store, sorted(chunked), marked))
+    problems.extend(_mark_leaves(store, sorted(chunked), marked, marks))
+    if not problems:
+        marks.save((e.key for e in remaining), chunked)
 
     # -- sweep blobs: unmarked and older than the grace period ---------------------------------
-    blobs = list(backend.iter_entries(BLOBS))
+    blobs, _ = listing_blobs.result()
     young_indexes = [
         hex_
         for entry in blobs
@@ -369,17 +420,32 @@ def _unknown_roots(store: Store, exc: StoreError) -> str:
     )
 
 
-def _newest_generations(paths: list[str]) -> list[str]:
-    """The manifest paths that are their node's newest generation: only those mark blobs, so
+def _newest_generations(entries: list[Entry]) -> list[Entry]:
+    """The manifests that are their node's newest generation: only those mark blobs, so
     the blobs of a superseded generation (a repaired or recomputed node's) are collected once
     no newest generation names them and they are older than the grace period. Every generation
     of a kept node is kept itself (they are small, and readers never take an older one)."""
-    newest: dict[NodeKey | None, tuple[int, str]] = {}
-    for path in paths:
-        node, generation = manifest_node(path), manifest_generation(path) or 0
-        if node not in newest or generation > newest[node][0]:
-            newest[node] = (generation, path)
-    return [path for _, path in newest.values()]
+    newest: dict[NodeKey, tuple[int, Entry]] = {}
+    for entry in entries:
+        node, generation = manifest_node(entry.key), manifest_generation(entry.key) or 0
+        if node is not None and (node not in newest or generation > newest[node][0]):
+            newest[node] = (generation, entry)
+    return [entry for _, entry in newest.values()]
+
+
+def _read_marks(store: Store, marks: Marks, entries: list[Entry]) -> list[list[Digest] | str]:
+    """The blobs each manifest of ``entries`` names (or a problem): remembered by ``marks``,
+    else read (in parallel) and remembered."""
+    now = time.time()
+    found: list[list[Digest] | str | None] = [marks.named(entry) for entry in entries]
+    unknown = [entry for entry, named in zip(entries, found, strict=True) if named is None]
+    read = iter(store.map(lambda e: _named_blobs(store, e.key), unknown))
+    for i, entry in enumerate(entries):
+        if found[i] is None:
+            named = found[i] = next(read)
+            if not isinstance(named, str):
+                marks.remember(entry, named, now)
+    return [named for named in found if named is not None]
 
 
 def _named_blobs(store: Store, key: str) -> list[Digest] | str:
@@ -398,21 +464,33 @@ def _named_blobs(store: Store, key: str) -> list[Digest] | str:
 
 
 def _mark_leaves(
-    store: Store, hexes: Iterable[str], marked: set[str], *, only_indexes: bool = False
+    store: Store,
+    hexes: Iterable[str],
+    marked: set[str],
+    marks: Marks | None = None,
+    *,
+    only_indexes: bool = False,
 ) -> list[str]:
-    """Mark the leaves of the chunked blobs ``hexes``; the problems met.
+    """Mark the leaves of the chunked blobs ``hexes`` (remembered by ``marks``, else read and
+    remembered there); the problems met.
 
     ``only_indexes``: the objects are merely possibly indexes (young, unreferenced objects of an
     index's size): a leaf among them is no problem, and it marks nothing.
     """
+    known = {} if marks is None else marks.leaves
     hexes = list(hexes)
+    unknown = [h for h in hexes if h not in known]
+    found = store.map(lambda h: _leaves(store, h, only_indexes), unknown)
+    read = dict(zip(unknown, found, strict=True))
     problems: list[str] = []
-    found = store.map(lambda h: _leaves(store, h, only_indexes), hexes)
-    for hex_, leaves in zip(hexes, found, strict=True):
+    for hex_ in hexes:
+        leaves = read[hex_] if hex_ in read else known[hex_]
         if isinstance(leaves, str):
             problems.append(f"blob {hex_}: {leaves}")
-        else:
-            marked.update(leaf.hex for leaf in leaves)
+            continue
+        marked.update(leaf.hex for leaf in leaves)
+        if marks is not None and leaves:
+            known[hex_] = leaves  # content-addressed: an index's leaves never change
     return problems
 
 
@@ -441,18 +519,46 @@ def _leaves(store: Store, hex_: str, only_indexes: bool) -> list[Digest] | str:
 # -- sweeping ------------------------------------------------------------------------------------
 
 
-def _delete(store: Store, entries: list[Entry], cutoff: float) -> list[bool]:
-    """Delete each entry unless it was modified at or after ``cutoff`` meanwhile; in parallel:
-    batches of ``DELETE_BATCH`` keys side by side where the backend deletes in batches (S3:
-    one DeleteObjects each), else key by key."""
+def _list(store: Store, prefix: str) -> tuple[list[Entry], float]:
+    """Every entry under ``prefix`` (a layout folder of ``ab/`` subfolders), and when the
+    listing started. A remote store's is listed in 16 key ranges side by side (by the first hex
+    digit: its pages come one after another, the ranges need not); names outside them are not
+    dagger's and would be kept anyway."""
+    backend = store.backend
+    assert isinstance(backend, SupportsEntries)
+    started = time.time()
+    if not backend.remote:
+        return list(backend.iter_entries(prefix)), started
+    parts = store.map(lambda digit: list(backend.iter_entries(prefix + digit)), list(_HEX_DIGITS))
+    return [entry for part in parts for entry in part], started
+
+
+def _delete(
+    store: Store, entries: list[Entry], cutoff: float, listed_at: float | None = None
+) -> list[bool]:
+    """Delete each entry unless it was modified at or after ``cutoff`` since it was listed; in
+    parallel: batches of ``DELETE_BATCH`` keys side by side where the backend deletes in
+    batches (S3: one DeleteObjects each), else key by key.
+
+    ``listed_at`` (manifests only, which are never touched): where a check costs requests (a
+    remote store), a batch is checked again only if its listing started more than
+    ``FRESH_LISTING`` seconds ago; a fresher listing is the check."""
     backend = store.backend
     if isinstance(backend, SupportsDeleteMany):
         batches = [
             [e.key for e in entries[i : i + DELETE_BATCH]]
             for i in range(0, len(entries), DELETE_BATCH)
         ]
-        done = store.map(lambda keys: backend.delete_many(keys, modified_before=cutoff), batches)
-        return [gone for batch in done for gone in batch]
+
+        def delete_batch(keys: list[str]) -> list[bool]:
+            fresh = (
+                backend.remote
+                and listed_at is not None
+                and time.time() - listed_at <= FRESH_LISTING
+            )
+            return backend.delete_many(keys, modified_before=None if fresh else cutoff)
+
+        return [gone for batch in store.map(delete_batch, batches) for gone in batch]
     assert isinstance(backend, SupportsDelete)
 
     def delete(entry: Entry) -> bool:

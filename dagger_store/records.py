@@ -104,7 +104,7 @@ def add_record(
     key = record_key(experiment, kind, time.time_ns(), uuid.uuid4().hex)
     body = {**document, "keys": [k.hex for k in keys], "written": time.time()}
     payload = msgpack.packb(body, use_bin_type=True)
-    frame = Frame(payload, _signatures(store).sign_record(key, payload))
+    frame = Frame(payload, store.signatures.sign_record(key, payload))
     store.backend.write_once(key, frame.encode(MAGIC))
     return key
 
@@ -129,7 +129,7 @@ def read_records(
     keys = sorted(
         k for k in store.backend.iter_keys(prefix) if kind is None or record_kind(k) == kind
     )
-    read = _read(store, keys, _signatures(store))
+    read = _read(store, keys, store.signatures)
     refused = [r for r in read if isinstance(r, UntrustedError)]
     if refused and not any(isinstance(r, dict) for r in read):
         # Nothing verifies: most likely the wrong lab key, which an empty experiment would hide.
@@ -226,9 +226,3 @@ def _decode(data: bytes, key: str, signatures: Signatures | None, where: str) ->
         )
     document: dict[str, Any] = record
     return document
-
-
-def _signatures(store: Store) -> Signatures:
-    # The store's signing policy, the one its manifests are signed and checked under. Store
-    # keeps it to itself; records are the one other thing signed with the lab key.
-    return store._signatures

@@ -97,7 +97,9 @@ logger = logging.getLogger(__name__)
 class Commit:
     """The outcome of ``Store.commit``: the manifest now stored under ``key``.
 
-    ``won`` is False when another writer committed first; ``manifest`` is then theirs.
+    ``won`` is False when another writer committed a different manifest first; ``manifest`` is
+    then theirs. (A byte-identical one counts as ours: so does our own write whose answer was
+    lost and which a retry found in place.)
     """
 
     key: NodeKey
@@ -175,6 +177,12 @@ class Store:
     def signs(self) -> bool:
         """Whether ``commit`` signs manifests (a lab key is configured)."""
         return self._signatures.lab_key is not None
+
+    @property
+    def signatures(self) -> Signatures:
+        """The signing policy: what ``commit`` signs with and readers check against (also
+        for the other objects signed with the lab key, such as experiment records)."""
+        return self._signatures
 
     @property
     def require_signatures(self) -> bool:
@@ -389,7 +397,9 @@ class Store:
         data = Frame(payload, self._signatures.sign(key, payload)).encode()
         generation = 0 if replaces is None else replaces + 1
         while True:
-            if self.backend.write_once(manifest_generation_key(key, generation), data):
+            name = manifest_generation_key(key, generation)
+            if self.backend.write_once(name, data) or self._holds(name, data):
+                # (_holds: our write landed but its answer was lost, and the retry found it.)
                 return Commit(key, manifest, won=True, generation=generation)
             # Taken: each round either returns or moves past a generation that exists, so this
             # ends (generations only grow).
@@ -413,6 +423,14 @@ class Store:
             if lost and not repair and replaces is None:
                 raise self._incomplete(key, lost)
             generation = newest + 1  # incomplete, or the one we were told to supersede
+
+    def _holds(self, name: str, data: bytes) -> bool:
+        """Whether the object ``name`` is exactly ``data``. A manifest byte-identical to ours
+        (same blobs, same metadata, same signature) is ours to report as won, whoever wrote it."""
+        try:
+            return self.backend.read(name) == data
+        except NotFoundError:
+            return False
 
     def generations(self, keys: Iterable[NodeKey]) -> dict[NodeKey, int]:
         """The newest manifest generation of each key that has a manifest (complete or not),

@@ -90,9 +90,9 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 @pytest.fixture
 def fault_proxy(s3_endpoint: str) -> Iterator[Any]:
-    """A fault-injecting HTTP proxy on 127.0.0.1 in front of the moto server (tests/faults.py);
+    """A fault-injecting HTTP proxy on 127.0.0.1 in front of the moto server (faultproxy.py);
     it injects nothing until told to (``fault_proxy.inject(...)``) and stops at teardown."""
-    from faults import FaultProxy
+    from dagger_store.faultproxy import FaultProxy
 
     with FaultProxy(s3_endpoint, seed=20261130) as proxy:
         yield proxy
@@ -125,3 +125,12 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """dagger's per-user cache (file hashes, gc marks) in a temp folder, never the user's."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DAGGER_CACHE_DIR", str(tmp_path_factory.mktemp("dagger-cache")))
+    yield
+    patch.undo()

@@ -7,13 +7,20 @@ import stat
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import s3fs
+from broken_backends import (
+    BrokenCase,
+    MemoryContract,
+    assert_contract_catches,
+    assert_reference_passes,
+    parametrize_broken,
+)
 
 from dagger_store.backends import local
 from dagger_store.backends.base import (
@@ -34,18 +41,10 @@ from dagger_store.testing import BackendContract, moto_server
 SECRET_OPTIONS = {"key": "AKIADAGGERKEYID", "secret": "dagger-secret-never-print-me"}
 
 
-class TestMemoryBackend(BackendContract):
+class TestMemoryBackend(MemoryContract):
     @pytest.fixture
     def backend(self) -> MemoryBackend:
         return MemoryBackend()
-
-    def plant(self, backend: MemoryBackend, key: str, data: bytes) -> None:
-        backend._values[key] = data
-        backend._modified[key] = time.time()
-
-    def age(self, backend: MemoryBackend, key: str, seconds: float) -> bool:
-        backend._modified[key] -= seconds
-        return True
 
 
 class TestLocalBackend(BackendContract):
@@ -403,7 +402,7 @@ class _VagueBackend(MemoryBackend):
     remote = None  # type: ignore[assignment]
 
 
-BROKEN: list[tuple[type[MemoryBackend], Callable[[BackendContract, Any], None]]] = [
+BROKEN: list[BrokenCase] = [
     (_OverwritingBackend, BackendContract.test_write_once_keeps_first_value),
     (_OverwritingBackend, BackendContract.test_reads_what_was_planted),
     (_OverwritingBackend, BackendContract.test_concurrent_writers_one_winner),
@@ -419,21 +418,13 @@ BROKEN: list[tuple[type[MemoryBackend], Callable[[BackendContract, Any], None]]]
 ]
 
 
-@pytest.mark.parametrize(
-    ("broken", "contract_test"),
-    BROKEN,
-    ids=[f"{cls.__name__}-{getattr(test, '__name__', 'bad_keys')}" for cls, test in BROKEN],
-)
-def test_contract_catches_broken_backend(
-    broken: type[MemoryBackend], contract_test: Callable[[BackendContract, Any], None]
-) -> None:
-    with pytest.raises((AssertionError, pytest.fail.Exception)):
-        contract_test(TestMemoryBackend(), broken())
+@parametrize_broken(BROKEN)
+def test_contract_catches_broken_backend(case: BrokenCase) -> None:
+    assert_contract_catches(case)
 
 
 def test_contract_passes_the_reference_backend() -> None:
-    for _, contract_test in BROKEN:
-        contract_test(TestMemoryBackend(), MemoryBackend())
+    assert_reference_passes(BROKEN)
 
 
 # --- opening S3 stores -------------------------------------------------------------------------

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
 import pytest
+from broken_backends import (
+    BrokenCase,
+    assert_contract_catches,
+    assert_reference_passes,
+    parametrize_broken,
+)
 from s3_requests import S3Requests
 
 from dagger_store.backends.base import SupportsDeleteMany
@@ -31,18 +37,6 @@ def test_a_folder_deletes_key_by_key() -> None:
 
 
 # -- the test kit must catch broken batched deletes ----------------------------------------------
-
-
-class _MemoryContract(BackendContract):
-    """The contract on memory backends made here (not collected: no Test prefix)."""
-
-    def plant(self, backend: MemoryBackend, key: str, data: bytes) -> None:
-        backend._values[key] = data
-        backend._modified[key] = time.time()
-
-    def age(self, backend: MemoryBackend, key: str, seconds: float) -> bool:
-        backend._modified[key] -= seconds
-        return True
 
 
 class _HastyBatches(MemoryBackend):
@@ -82,7 +76,7 @@ class _CarelessBatches(MemoryBackend):
         return [self.delete(key, modified_before=modified_before) for key in keys]
 
 
-BROKEN: list[tuple[type[MemoryBackend], Callable[[BackendContract, Any], None]]] = [
+BROKEN: list[BrokenCase] = [
     (_HastyBatches, BackendContract.test_delete_many_only_what_is_older_than_asked),
     (_HastyBatches, BackendContract.test_delete_many_spares_what_was_touched_since),
     (_BoastfulBatches, BackendContract.test_delete_many_says_what_it_removed_in_order),
@@ -93,21 +87,13 @@ BROKEN: list[tuple[type[MemoryBackend], Callable[[BackendContract, Any], None]]]
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("broken", "contract_test"),
-    BROKEN,
-    ids=[f"{cls.__name__}-{getattr(t, '__name__', 'bad_keys')}" for cls, t in BROKEN],
-)
-def test_contract_catches_broken_batched_deletes(
-    broken: type[MemoryBackend], contract_test: Callable[[BackendContract, Any], None]
-) -> None:
-    with pytest.raises((AssertionError, pytest.fail.Exception)):
-        contract_test(_MemoryContract(), broken())
+@parametrize_broken(BROKEN)
+def test_contract_catches_broken_batched_deletes(case: BrokenCase) -> None:
+    assert_contract_catches(case)
 
 
 def test_contract_passes_the_reference_batched_delete() -> None:
-    for _, contract_test in BROKEN:
-        contract_test(_MemoryContract(), MemoryBackend())
+    assert_reference_passes(BROKEN)
 
 
 # -- S3: a listing or HEADs to check ages, then one DeleteObjects per batch ----------------------

@@ -1,6 +1,6 @@
 """Fault injection with real parts: S3 (moto) behind a misbehaving proxy, and a full disk.
 
-Every S3 request here goes over HTTP from s3fs to ``tests/faults.py``'s proxy on 127.0.0.1 and on
+Every S3 request here goes over HTTP from s3fs to ``dagger_store.faultproxy`` on 127.0.0.1 and on
 to the moto server; the proxy answers some of them with 503 SlowDown or 500 InternalError, resets
 or hangs up connections, truncates bodies, or forwards a PUT and then drops its answer. s3fs's and
 botocore's retry settings are left as a user has them. What must hold: runs complete with every
@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from faults import FaultProxy
 from toy_experiment import Prune, State, Train, sparsity
 
 import dagger_orchestrate as dg
 import dagger_store as ds
 from dagger_store import gc, pins
+from dagger_store.faultproxy import FaultProxy
 
 # About 6 % of requests faulted, spread over every kind.
 MIXED = {
@@ -260,13 +260,6 @@ def test_a_pin_whose_answer_is_lost_is_still_pinned(
         assert pins.pins(store) == {"best": [key]}  # the pin landed either way
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Store.commit reports won=False for its own manifest when the PUT landed but its "
-    "answer was lost (the retried conditional PUT gets 412; dagger_store/store.py, commit): "
-    "README says won is False only if a colleague committed first; it should compare the "
-    "stored frame with its own and report won=True when they are the same bytes",
-)
 def test_a_commit_whose_answer_is_lost_is_committed(
     fault_proxy: FaultProxy, proxy_storage_options: dict[str, Any], s3_url: str
 ) -> None:
@@ -370,15 +363,6 @@ def collect_garbage(state: State) -> int:
     return len(gc.collect(_GC_STORE[0], grace=0, keep_recent=0, dry_run=False).manifests)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="a Function's result stored during a run is no gc root until the run's .run record "
-    "is written at its end (dagger_orchestrate/experiment.py, _record_run): a collection "
-    "meanwhile with keep_recent=0 deletes it, and the .run record then names a result that "
-    "is gone. The result keys are known before dispatch (run() computes them), so they "
-    "should be recorded first, with the nodes, in the .def record (_record_definition)",
-)
 def test_a_collection_during_a_run_keeps_its_stored_results(tmp_path: Path) -> None:
     exp = dg.Experiment(tmp_path / "exp", state_class=State)
     _GC_STORE[:] = [exp.store]
@@ -388,8 +372,9 @@ def test_a_collection_during_a_run_keeps_its_stored_results(tmp_path: Path) -> N
     collect_garbage(pruned)
     exp.run()  # sync: sparsity(root) is stored before the collection runs
     again = dg.Experiment.restore(tmp_path / "exp", state_class=State)
-    # The collection deleted one manifest: nothing but sparsity's result was unnamed by records.
-    assert again.load_result(collect_garbage, pruned.key) == 1
+    # The .def record, written before anything ran, names every result this run stores: the
+    # collection (keep_recent 0) found nothing unreferenced, and sparsity's result survived.
+    assert again.load_result(collect_garbage, pruned.key) == 0
     root_node = next(n for n in again.graph.nodes if n.key == root.key)
     assert again.load_result(sparsity, root_node) == 0.0
 

@@ -136,15 +136,20 @@ def test_a_previous_version_marker_whose_store_is_where_it_says_is_used_as_it_is
     assert dg.Experiment.restore(tmp_path / "exp").store.url == f"file://{shared}"
 
 
+def _restore_error(folder: Path) -> str:
+    """The message of the StoreOpenError that restoring ``folder`` must raise."""
+    with pytest.raises(ds.StoreOpenError) as info:
+        dg.Experiment.restore(folder)
+    return str(info.value)
+
+
 def test_restoring_a_folder_whose_store_is_gone_is_a_clear_error_and_creates_nothing(
     tmp_path: Path,
 ) -> None:
     ran(tmp_path / "exp")
     shutil.rmtree(tmp_path / "exp" / "store")
     before = files(tmp_path)
-    with pytest.raises(ds.StoreOpenError) as info:
-        dg.Experiment.restore(tmp_path / "exp")
-    message = str(info.value)
+    message = _restore_error(tmp_path / "exp")
     assert f"{tmp_path}/exp/dagger-experiment names the store 'store'" in message
     assert f"({tmp_path}/exp/store)" in message and "store=" in message
     assert files(tmp_path) == before
@@ -156,9 +161,7 @@ def test_a_moved_old_marker_without_its_store_names_both_places(tmp_path: Path) 
     shutil.move(tmp_path / "old", tmp_path / "new")
     shutil.rmtree(tmp_path / "new" / "store")
     before = files(tmp_path)
-    with pytest.raises(ds.StoreOpenError) as info:
-        dg.Experiment.restore(tmp_path / "new")
-    message = str(info.value)
+    message = _restore_error(tmp_path / "new")
     assert f"names the store '{tmp_path}/old/store'" in message
     assert f"nor at {tmp_path}/new/store" in message
     assert files(tmp_path) == before

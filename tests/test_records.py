@@ -7,6 +7,7 @@ import re
 import threading
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,16 @@ def test_a_corrupt_record_is_skipped_with_a_warning_naming_it(
     with pytest.warns(RecordWarning, match=re.escape(first_run)):
         table = exp.results()  # the second run's results only (its node is not in the graph)
     assert len(table) == 2 and "sparsity" not in table.columns
+
+    strict = dg.Experiment.restore(folder, strict_records=True)
+    with pytest.raises(strict_error, match=re.escape(second_def)):
+        strict.graph  # noqa: B018
+    with pytest.raises(strict_error, match=re.escape(first_run)):
+        strict.load_result("sparsity", graph.roots[0].key)
+    with pytest.raises(strict_error, match=re.escape(first_run)), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecordWarning)
+        exp.graph.strict = True  # a graph read leniently, then its results strictly
+        exp.results()
 
     with pytest.raises(strict_error, match=re.escape(second_def)) as info:
         read_records(store, name, "def", strict=True)

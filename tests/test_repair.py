@@ -62,6 +62,16 @@ def noisy_tree(exp: dg.Experiment) -> dict[str, Any]:
     return {"root": root, "noisy": noisy, "trained": trained, "other": other}
 
 
+def ran_noisy_tree(tmp_path: Path) -> tuple[Path, dg.Experiment, dict[str, Any]]:
+    """The noisy tree run in an experiment whose store is the folder returned first, so that
+    tests can lose or flip its blobs by hand."""
+    store_dir = tmp_path / "lab"
+    exp = dg.Experiment(tmp_path / "exp", state_class=State, store=str(store_dir))
+    nodes = noisy_tree(exp)
+    exp.run()
+    return store_dir, exp, nodes
+
+
 def own_blob(store: ds.Store, key: ds.NodeKey, parent: ds.NodeKey) -> ds.Digest:
     """A blob the node's manifest names and its parent's does not (the noise)."""
     inherited = set(store.get_manifest(parent).blobs.values())
@@ -91,10 +101,7 @@ def test_generation_names_are_parsed_back_to_their_node() -> None:
 def test_lost_blob_of_a_nondeterministic_node_is_recomputed_as_generation_1(
     tmp_path: Path,
 ) -> None:
-    store_dir = tmp_path / "lab"
-    exp = dg.Experiment(tmp_path / "exp", state_class=State, store=str(store_dir))
-    nodes = noisy_tree(exp)
-    exp.run()
+    store_dir, exp, nodes = ran_noisy_tree(tmp_path)
     noisy, root, trained = nodes["noisy"].key, nodes["root"].key, nodes["trained"].key
     first = exp.store.get_manifest(noisy)
     gone = own_blob(exp.store, noisy, root)
@@ -188,6 +195,36 @@ def test_recompute_by_promise_with_and_without_descendants(tmp_path: Path) -> No
     assert exp.run().executed == ()  # the newest generations are hits
 
 
+@dg.Function(cache=True)
+def noise_sum(state: State) -> float:
+    return float(state.noise.sum())  # type: ignore[attr-defined]
+
+
+@dg.Function
+def noise_mean(state: State) -> float:
+    return float(state.noise.mean())  # type: ignore[attr-defined]
+
+
+def test_recompute_supersedes_the_stored_results_of_the_node(tmp_path: Path) -> None:
+    exp = dg.Experiment(tmp_path / "exp", state_class=State)
+    nodes = noisy_tree(exp)
+    noise_sum(nodes["noisy"])
+    noise_mean(nodes["trained"])
+    first = {r.function: r.value for r in exp.run().results}
+    assert exp.run().results[0].cached  # the cache=True result is reused while nothing changes
+
+    report = exp.run(recompute=nodes["noisy"])
+    again = {r.function: r for r in report.results}
+    assert not again["noise_sum"].cached and again["noise_sum"].value != first["noise_sum"]
+    assert again["noise_mean"].value != first["noise_mean"]  # on a descendant, recomputed too
+    stored = exp.store.generations(r.result_key for r in report.results)
+    assert sorted(stored.values()) == [1, 1]
+    restored = dg.Experiment.restore(tmp_path / "exp", state_class=State)
+    for result in report.results:
+        assert restored.load_result(result.function, result.key) == result.value
+    assert exp.run().results[0].value == again["noise_sum"].value  # the new one is reused
+
+
 def test_recompute_by_tag_pattern_and_graph_nodes(tmp_path: Path) -> None:
     exp = dg.Experiment(tmp_path / "exp", state_class=State)
     nodes = noisy_tree(exp)
@@ -211,10 +248,7 @@ def test_recompute_by_tag_pattern_and_graph_nodes(tmp_path: Path) -> None:
 def test_repair_dry_run_tells_what_is_lost_and_what_a_rerun_recomputes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store_dir = tmp_path / "lab"
-    exp = dg.Experiment(tmp_path / "exp", state_class=State, store=str(store_dir))
-    nodes = noisy_tree(exp)
-    exp.run()
+    store_dir, exp, nodes = ran_noisy_tree(tmp_path)
     noisy, root, trained = nodes["noisy"].key, nodes["root"].key, nodes["trained"].key
     gone = own_blob(exp.store, noisy, root)
     lose(store_dir, gone)
@@ -262,10 +296,7 @@ def test_repair_dry_run_tells_what_is_lost_and_what_a_rerun_recomputes(
 
 
 def test_gc_keeps_the_new_generation_and_collects_the_superseded_blobs(tmp_path: Path) -> None:
-    store_dir = tmp_path / "lab"
-    exp = dg.Experiment(tmp_path / "exp", state_class=State, store=str(store_dir))
-    nodes = noisy_tree(exp)
-    exp.run()
+    _, exp, nodes = ran_noisy_tree(tmp_path)
     noisy, root = nodes["noisy"].key, nodes["root"].key
     old = own_blob(exp.store, noisy, root)
     # With its descendant: without, the child (which inherited the noise) still names it.
@@ -283,6 +314,24 @@ def test_gc_keeps_the_new_generation_and_collects_the_superseded_blobs(tmp_path:
     keys = [n.key for n in nodes.values()]
     assert exp.store.missing(keys) == []
     assert exp.run().executed == ()
+
+
+def test_gc_takes_a_nodes_generations_together(tmp_path: Path) -> None:
+    store = ds.open_store(tmp_path / "store")
+    key = ds.node_key("state", {"unreferenced": True})
+    store.commit(key, ds.Manifest({"w": store.put(b"first")}))
+    old = tmp_path / "store" / manifest_key(key)
+    os.utime(old, (0, time.time() - 30 * DAY))  # generation 0 is old, generation 1 is new
+    fixed = ds.Manifest({"w": store.put(b"recomputed")})
+    assert store.commit(key, fixed, replaces=0).generation == 1
+
+    kept = collect(store, dry_run=False)  # a recent generation keeps the whole node
+    assert kept.manifests == () and store.generations([key]) == {key: 1}
+    assert store.get_manifest(key) == fixed
+
+    report = collect(store, dry_run=False, now=time.time() + 30 * DAY)
+    assert sorted(report.manifests) == [key, key] and store.generations([key]) == {}
+    assert store.commit(key, ds.Manifest({"w": store.put(b"again")})).generation == 0
 
 
 def test_lost_blob_is_repaired_on_s3(

@@ -241,15 +241,23 @@ def test_stale_nodes_are_named_a_few_then_counted(
     assert _run(tmp_path, lab, range(5))[0] == []  # once per process
 
 
+def _edited_after_two_runs(
+    tmp_path: Path, lab_module: tuple[Path, str]
+) -> tuple[ModuleType, dg.Experiment, dg.StatePromise]:
+    """Two Steps computed with the v1 recipes, then the recipes edited (v2): both are stale.
+
+    Returns the edited module, the experiment and its root, to name the stale nodes by."""
+    path, name = lab_module
+    _run(tmp_path, _load(path, name), range(2))
+    lab = _load(path, name, comment="v2, edited")
+    exp = dg.Experiment(tmp_path / "exp", state_class=State)
+    return lab, exp, exp.spawn_new_tree(dataset_name="digits", seed=0)
+
+
 def test_accepting_stops_the_warning_until_the_code_changes_again(
     tmp_path: Path, lab_module: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path, name = lab_module
-    lab = _load(path, name)
-    _run(tmp_path, lab, range(2))
-    lab = _load(path, name, comment="v2, edited")
-    exp = dg.Experiment(tmp_path / "exp", state_class=State)
-    root = exp.spawn_new_tree(dataset_name="digits", seed=0)
+    lab, exp, root = _edited_after_two_runs(tmp_path, lab_module)
     first, second = lab.Step(k=0)(root), lab.Step(k=1)(root)
     assert exp.accept_stale([first]) == (first.key,)
     stale, report = _run(tmp_path, lab, range(2))
@@ -259,7 +267,7 @@ def test_accepting_stops_the_warning_until_the_code_changes_again(
     monkeypatch.setattr(experiment_module, "_warned", set())  # a new process
     assert _run(tmp_path, lab, range(2))[0] == []
     assert exp.accept_stale() == ()  # nothing left: nothing written
-    lab = _load(path, name, comment="v3, edited again")
+    lab = _load(*lab_module, comment="v3, edited again")
     stale, _ = _run(tmp_path, lab, range(2))
     assert len(stale) == 1 and "2 cached nodes" in stale[0]
 
@@ -267,12 +275,7 @@ def test_accepting_stops_the_warning_until_the_code_changes_again(
 def test_recomputing_stops_the_warning(
     tmp_path: Path, lab_module: tuple[Path, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path, name = lab_module
-    lab = _load(path, name)
-    _run(tmp_path, lab, range(2))
-    lab = _load(path, name, comment="v2, edited")
-    exp = dg.Experiment(tmp_path / "exp", state_class=State)
-    root = exp.spawn_new_tree(dataset_name="digits", seed=0)
+    lab, exp, root = _edited_after_two_runs(tmp_path, lab_module)
     nodes = [lab.Step(k=k)(root) for k in range(2)]
     with pytest.warns(dg.StaleCodeWarning):
         report = exp.run(recompute=nodes[0])

@@ -1,8 +1,9 @@
-"""A fault-injecting HTTP proxy on loopback, between s3fs and the moto S3 server.
+"""A fault-injecting HTTP proxy on loopback, between s3fs and the moto S3 server (for tests).
 
-Real parts, no mocks: s3fs talks HTTP to this proxy on 127.0.0.1, the proxy talks HTTP to moto on
-127.0.0.1, and on some requests, chosen at rates a test sets, it misbehaves the way S3 and the
-network do:
+Test kit, like ``testing.py``: the fault-injection tests (the ``fault_proxy`` fixture) and the
+soak benchmark (``benchmarks/bench_soak.py``) use it; nothing in dagger imports it. Real parts, no
+mocks: s3fs talks HTTP to this proxy on 127.0.0.1, the proxy talks HTTP to moto on 127.0.0.1, and
+on some requests, chosen at rates a test sets, it misbehaves the way S3 and the network do:
 
 ``slowdown``   503 SlowDown with S3's XML error body; the request never reaches moto
 ``internal``   500 InternalError with S3's XML error body; the request never reaches moto
