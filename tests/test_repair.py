@@ -295,6 +295,34 @@ def test_repair_dry_run_tells_what_is_lost_and_what_a_rerun_recomputes(
     assert "a re-run would recompute" not in out and "delete each object listed" in out
 
 
+def test_repair_says_how_to_recompute_the_complete_descendants_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exp = dg.Experiment(tmp_path / "exp", state_class=State)
+    root = exp.spawn_new_tree(dataset_name="digits", seed=0)
+    trained = Train(nb_epochs=1, lr=0.1)(root)
+    pruned = toy.Prune(fraction=0.5)(trained)
+    exp.run()
+    replaced = set(exp.store.get_manifest(root.key).blobs.values()) - set(
+        exp.store.get_manifest(trained.key).blobs.values()
+    )
+    assert replaced  # Train rewrote the model: the root's model blobs are its own
+    for digest in replaced:
+        lose(tmp_path / "exp" / "store", digest)
+
+    assert main(["repair", "--dry-run", str(tmp_path / "exp")]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    advice = lines.index(
+        "    their 2 descendant(s) are complete and stay cached (they were computed from the "
+        "lost state); to recompute them as well, in the script (descendants are included):"
+    )
+    code = lines[advice + 1].strip()
+    assert code.startswith("exp.run(recompute=[dagger_store.NodeKey(h) for h in [")
+    report = eval(code, {"exp": exp, "dagger_store": ds})  # what a user pastes into the script
+    assert set(report.executed) == {root.key, trained.key, pruned.key}
+    assert exp.store.missing([root.key, trained.key, pruned.key]) == []
+
+
 def test_gc_keeps_the_new_generation_and_collects_the_superseded_blobs(tmp_path: Path) -> None:
     _, exp, nodes = ran_noisy_tree(tmp_path)
     noisy, root = nodes["noisy"].key, nodes["root"].key
