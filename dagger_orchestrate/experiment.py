@@ -36,6 +36,7 @@ from dagger_orchestrate.storeref import StoreRef
 from dagger_orchestrate.usercode import class_path, helper_hashes, source_hash
 from dagger_store.host import host
 from dagger_store.records import add_record, read_records
+from dagger_store.usercache import cache_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -699,8 +700,7 @@ def _cache_dir(store_url: str, wanted: str | bool) -> str | None:
         return None
     if isinstance(wanted, str):
         return wanted
-    base = os.environ.get("DAGGER_CACHE_DIR") or "~/.cache/dagger"
-    return f"{base}/{blake3(store_url.encode()).hexdigest()[:16]}"
+    return f"{cache_dir()}/{blake3(store_url.encode()).hexdigest()[:16]}"
 
 
 def _describe_failure(prefix: str, promise: StatePromise, failed: Failed) -> str:

@@ -48,13 +48,14 @@ import errno
 import json
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
 from blake3 import blake3
+
+from dagger_store.usercache import cache_dir, replace_file
 
 RACY_SECONDS = 2.0
 _READ_SIZE = 4 * 2**20  # one reused buffer; measured: reading the page cache is the bottleneck
@@ -426,11 +427,6 @@ def _file_type(mode: int) -> str:
     return "not a regular file"
 
 
-def cache_dir() -> str:
-    """The user's dagger cache folder: ``$DAGGER_CACHE_DIR``, else ``~/.cache/dagger``."""
-    return os.path.expanduser(os.environ.get("DAGGER_CACHE_DIR") or "~/.cache/dagger")
-
-
 def _cache_entry(real: str) -> str:
     name = blake3(os.fsencode(real)).hexdigest()
     return os.path.join(cache_dir(), "stat-cache", name[:2], name[2:])
@@ -459,21 +455,8 @@ def _cache_write(entry: str, real: str, status: os.stat_result, digest: str) -> 
         "ino": status.st_ino,
         "blake3": digest,
     }
-    folder = os.path.dirname(entry)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as file:
-                json.dump(record, file)
-            # Atomic: a concurrent reader sees the old entry or the new one, never a torn one.
-            os.replace(temp, entry)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
-    except OSError:
-        pass  # a read-only or full cache folder costs speed, never correctness
+    with contextlib.suppress(OSError):  # a read-only or full cache folder costs speed only
+        replace_file(entry, json.dumps(record).encode())
 
 
 def _walk(root: str) -> Iterator[tuple[str, str, bool]]:

@@ -489,7 +489,7 @@ def _mark_leaves(
             problems.append(f"blob {hex_}: {leaves}")
             continue
         marked.update(leaf.hex for leaf in leaves)
-        if marks is not None and leaves:
+        if leaves:
             known[hex_] = leaves  # content-addressed: an index's leaves never change
     return problems
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +34,8 @@ import zstandard
 from blake3 import blake3
 
 from dagger_store.backends.base import Entry
-from dagger_store.content import cache_dir
 from dagger_store.digest import ALGORITHM, Digest
+from dagger_store.usercache import cache_dir, replace_file
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class Marks:
     def save(self, listed: Iterable[str], indexes: Iterable[str]) -> None:
         """Write what is remembered of the manifests in ``listed`` and of the chunked blobs
         ``indexes`` (what is not among them is gone, or no longer named)."""
-        present, named = set(listed), set(indexes)
+        present, chunked = set(listed), set(indexes)
         document = {
             "version": VERSION,
             "url": self.url,
@@ -98,22 +97,15 @@ class Marks:
                 for key, (modified, size, named) in self.manifests.items()
                 if key in present
             },
-            "leaves": {h: _plain(leaves) for h, leaves in self.leaves.items() if h in named},
+            "leaves": {h: _plain(leaves) for h, leaves in self.leaves.items() if h in chunked},
         }
         data = zstandard.ZstdCompressor().compress(msgpack.packb(document, use_bin_type=True))
-        path = _path(self.url)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            handle, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-            try:
-                with os.fdopen(handle, "wb") as file:
-                    file.write(data)
-                os.replace(temp, path)  # atomic: another collection reads old or new, whole
-            except BaseException:
-                os.unlink(temp)
-                raise
+            replace_file(_path(self.url), data)  # another collection reads old or new, whole
         except OSError as exc:
-            logger.info("gc marks for %s not saved (%s): the next collection reads all", path, exc)
+            logger.info(
+                "gc marks for %s not saved (%s): the next collection reads all", self.url, exc
+            )
 
 
 def _path(url: str) -> str:

@@ -1,4 +1,5 @@
-"""BlobReads: counts the payload bytes a test reads from a store's backend."""
+"""BlobReads: counts the payload bytes a test reads from a store's backend (and lists the
+manifests it reads)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ class BlobReads:
     def __init__(self, backend: Any) -> None:
         self.bytes = 0
         self.hexes: set[str] = set()
+        self.manifests: list[str] = []  # the manifest paths read, in order
         read, read_into = backend.read, backend.read_into  # type: ignore[attr-defined]
 
         def counted_read(key: str) -> bytes:
@@ -30,3 +32,5 @@ class BlobReads:
         if key.startswith("v1/blobs/"):
             self.bytes += n
             self.hexes.add(key.rsplit("/", 1)[1])
+        elif key.startswith("v1/manifests/"):
+            self.manifests.append(key)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from blob_reads import BlobReads
 from s3_requests import S3Requests
 from toy_experiment import State, Train
 
@@ -571,22 +572,6 @@ def settle_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(marks_module, "SETTLE", 0.0)
 
 
-class ManifestReads:
-    """The manifest paths read through a backend (instrumentation: the reads still happen)."""
-
-    def __init__(self, backend: object) -> None:
-        self.paths: list[str] = []
-        read = backend.read  # type: ignore[attr-defined]
-
-        def counted(key: str) -> bytes:
-            if key.startswith(MANIFESTS):
-                self.paths.append(key)
-            data: bytes = read(key)
-            return data
-
-        backend.read = counted  # type: ignore[attr-defined]
-
-
 def named_node(store: ds.Store, name: str, payload: bytes) -> tuple[ds.NodeKey, ds.Digest]:
     key = ds.node_key("state", {"name": name})
     digest = store.put(payload)
@@ -602,16 +587,16 @@ def test_a_later_collection_reads_only_new_manifests(store: ds.Store, settle_at_
     first = collect(store, now=later(), dry_run=False)
     assert first.manifests == (c,) and len(first.blobs) == 1
 
-    reads = ManifestReads(store.backend)
+    reads = BlobReads(store.backend)
     again = collect(store, now=later())
     assert again.ok and again.manifests == () and again.blobs == ()
-    assert reads.paths == []  # a and b: remembered
+    assert reads.manifests == []  # a and b: remembered
 
     d, d_blob = named_node(store, "d", b"d" * 100)
     add_record(store, "exp", "def", [d], {})
-    reads.paths.clear()
+    reads.manifests.clear()
     third = collect(store, now=later(), dry_run=False)
-    assert third.ok and third.blobs == () and reads.paths == [manifest_key(d)]
+    assert third.ok and third.blobs == () and reads.manifests == [manifest_key(d)]
     assert store.missing([a, b, d]) == [] and store.has_blobs([c_blob, d_blob]) == [False, True]
 
 
@@ -628,9 +613,9 @@ def test_a_path_holding_another_manifest_now_is_read_again(
     new_blob = store.put(b"second versio")
     store.commit(a, ds.Manifest({"w": new_blob}))
 
-    reads = ManifestReads(store.backend)
+    reads = BlobReads(store.backend)
     report = collect(store, now=later(), dry_run=False)
-    assert reads.paths == [manifest_key(a)]
+    assert reads.manifests == [manifest_key(a)]
     assert report.blobs == (f"v1/blobs/{old_blob.hex[:2]}/{old_blob.hex}",)
     assert store.missing([a]) == [] and store.get_manifest(a).blobs == {"w": new_blob}
 
@@ -648,7 +633,7 @@ def test_unreadable_memories_mean_reading_everything(local_store: ds.Store) -> N
     memory = Path(marks_module._path(store.url))
     assert memory.is_file() and path in marks_module.Marks.load(store.url).manifests
     memory.write_bytes(b"torn")
-    reads = ManifestReads(store.backend)
-    assert collect(store).ok and reads.paths == [path]  # read again, then remembered
-    reads.paths.clear()
-    assert collect(store).ok and reads.paths == []
+    reads = BlobReads(store.backend)
+    assert collect(store).ok and reads.manifests == [path]  # read again, then remembered
+    reads.manifests.clear()
+    assert collect(store).ok and reads.manifests == []
