@@ -35,6 +35,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_store.py
 	$(PY) benchmarks/bench_orchestrate.py
+	$(PY) benchmarks/bench_cold.py
 	$(PY) benchmarks/bench_collab.py
 	$(PY) benchmarks/bench_lab.py
 	$(PY) benchmarks/bench_results.py

@@ -5,6 +5,9 @@ Built-in codecs, in the order they are tried (the first that accepts a value sto
 - ``torch``: torch tensors (when torch is imported; never a dependency) as their raw bytes.
 - ``ndarray``: numpy arrays as their raw buffer, zero-copy both ways: never pickled.
 - ``msgpack``: plain data (None, bool, 64-bit int, float, str, bytes, lists, str-keyed dicts).
+
+  Of these two, a value of at most ``INLINE_BYTES`` is kept in the manifest itself, not as a
+  blob (a seed, a learning rate, a loss curve of a few hundred points).
 - ``tree``: plain data that also holds tuples, arrays, tensors or numpy scalars (a model's dict
   of weight matrices, a ``(train, eval)`` pair of arrays, ``np.float32(0.93)``): msgpack for the
   structure, each array a blob of its own, each numpy scalar its dtype and bytes inline. No
@@ -41,6 +44,10 @@ from dagger_store.content import Dir, File, described, from_description
 from dagger_store.plain import is_plain
 
 Parts = dict[str, ds.Digest]
+
+# A value this small (encoded) is kept in the manifest itself, not as a blob: no request and no
+# file of its own, where a blob would cost a round trip (S3) or two fsyncs (a folder).
+INLINE_BYTES = 4096
 
 
 @runtime_checkable
@@ -207,11 +214,17 @@ class _NdarrayCodec:
         return isinstance(value, np.ndarray) and not value.dtype.hasobject
 
     def save(self, store: ds.Store, value: Any) -> tuple[Parts, dict[str, Any]]:
-        return {"": store.put(value)}, {"dtype": value.dtype.str, "shape": list(value.shape)}
+        spec = {"dtype": value.dtype.str, "shape": list(value.shape)}
+        if value.nbytes <= INLINE_BYTES:
+            return {}, spec | {"inline": np.ascontiguousarray(value).tobytes()}
+        return {"": store.put(value)}, spec
 
     def load(self, store: ds.Store, parts: Mapping[str, ds.Digest], spec: Mapping[str, Any]) -> Any:
         array = np.empty(spec["shape"], dtype=np.dtype(spec["dtype"]))
-        store.get_into(parts[""], array)
+        if "inline" in spec:
+            array.reshape(-1).view(np.uint8)[:] = np.frombuffer(spec["inline"], np.uint8)
+        else:
+            store.get_into(parts[""], array)
         return array
 
 
@@ -222,10 +235,14 @@ class _MsgpackCodec:
         return is_plain(value)
 
     def save(self, store: ds.Store, value: Any) -> tuple[Parts, dict[str, Any]]:
-        return {"": store.put(msgpack.packb(value, use_bin_type=True))}, {}
+        packed = msgpack.packb(value, use_bin_type=True)
+        if len(packed) <= INLINE_BYTES:
+            return {}, {"inline": packed}
+        return {"": store.put(packed)}, {}
 
     def load(self, store: ds.Store, parts: Mapping[str, ds.Digest], spec: Mapping[str, Any]) -> Any:
-        return msgpack.unpackb(store.get(parts[""]), raw=False, strict_map_key=False)
+        packed = spec["inline"] if "inline" in spec else store.get(parts[""])
+        return msgpack.unpackb(packed, raw=False, strict_map_key=False)
 
 
 # msgpack extension codes of the tree codec (never reuse one: stored trees name them)

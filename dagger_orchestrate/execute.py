@@ -14,55 +14,31 @@ stored already; calls whose stored result is reused (``Function(cache=True)``) n
 
 from __future__ import annotations
 
-import pickle
 import sys
 import time
 import traceback
+import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import dask.base
 import dask.local
 import dask.multiprocessing
 import dask.threaded
-from dask.base import compute
-from dask.delayed import Delayed, delayed
 
 import dagger_store as ds
+from dagger_orchestrate import writebehind
 from dagger_orchestrate.inflight import LeaseTerms, claim, holding
+from dagger_orchestrate.outcomes import Done, Failed, Outcome, Skipped, Waited, portable
 from dagger_orchestrate.persist import label, load_state, save_state
 from dagger_orchestrate.plan import NodeSpec, Plan
 from dagger_orchestrate.results import save_result
 from dagger_orchestrate.state import ExperimentState
 from dagger_orchestrate.storeref import StoreRef
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    key: ds.NodeKey
-    seconds: float
-    finished: float = 0.0  # epoch time its manifest was committed
-
-
-@dataclass(frozen=True, slots=True)
-class Waited:
-    """Another run computed the node while this one waited for it."""
-
-    key: ds.NodeKey
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    key: ds.NodeKey
-    error: BaseException
-    traceback: str
-
-
-@dataclass(frozen=True, slots=True)
-class Skipped:
-    key: ds.NodeKey
-    because: ds.NodeKey  # the failed ancestor
+from dagger_orchestrate.writebehind import Staged, WriteBehind
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +70,18 @@ class Returned:
     cached: bool = False  # a stored result, reused: the Function did not run
 
 
-Outcome = Done | Waited | Failed | Skipped
+@dataclass(frozen=True, slots=True)
+class NodeTask:
+    """What a node's task needs, as one literal argument (dask looks into tuples, not into
+    this). ``run``: the run's id, which finds its write-behind where the task runs in the
+    run's own process."""
+
+    node: NodeSpec
+    ref: StoreRef
+    tags: tuple[str, ...]
+    terms: LeaseTerms
+    run: str
+    replaces: int | None = None
 
 
 def execute(
@@ -107,73 +94,102 @@ def execute(
     progress: bool | None = None,
 ) -> tuple[dict[ds.NodeKey, Outcome], list[Returned | Failed | Skipped]]:
     """Run the missing nodes, then every Function call; return their outcomes."""
-    tasks: dict[ds.NodeKey, Delayed] = {}
-    for node in plan.missing:
-        parent = tasks.get(node.parent) if node.parent is not None else None
-        tasks[node.key] = delayed(run_node, pure=False)(
-            node, ref, tags.get(node.key, ()), terms, parent, plan.replaces.get(node.key),
-            dask_key_name=f"node-{node.key.hex}",
-        )  # fmt: skip
+    run = uuid.uuid4().hex
     chosen = scheduler_for(scheduler)
-    call_tasks: list[Delayed] = []
+    # The task graph is written out directly (dask's graph specification): building it
+    # through dask.delayed costs more per node than a tiny node's whole computation.
+    graph: dict[str, tuple[Any, ...]] = {}
+    names: dict[ds.NodeKey, str] = {}
+    for node in plan.missing:
+        task = NodeTask(node, ref, tags.get(node.key, ()), terms, run, plan.replaces.get(node.key))
+        parent = names.get(node.parent) if node.parent is not None else None
+        names[node.key] = name = f"node-{node.key.hex}"
+        graph[name] = (run_node, task, parent)
+    previous: str | None = None
     for call in calls:
         # In one thread, Functions run in the order they were defined (their prints read in
         # order); elsewhere they run as soon as their node is ready.
-        after = call_tasks[-1] if call_tasks and chosen.in_order else None
-        call_tasks.append(
-            delayed(run_function, pure=False)(
-                call, ref, tasks.get(call.node.key), after, dask_key_name=f"call-{call.index}"
-            )
-        )
-    node_tasks = list(tasks.values())
-    if not node_tasks and not call_tasks:
+        after = previous if chosen.in_order else None
+        graph[previous := f"call-{call.index}"] = (
+            run_function, call, ref, names.get(call.node.key), after, run,
+        )  # fmt: skip
+    if not graph:
         return {}, []
     _check_main_guard(chosen)
-    with _progress_bar(progress, chosen):
-        node_results, call_results = compute(node_tasks, call_tasks, scheduler=chosen.get)
-    return {o.key: o for o in node_results}, list(call_results)
+    readers = Counter(n.parent for n in plan.missing if n.parent in names)
+    readers.update(c.node.key for c in calls if c.node.key in names)
+    writebehind.start(run, writebehind.WriteBehind(ref.open(), readers, terms))
+    try:
+        with _progress_bar(progress, chosen):
+            results = _get(chosen)(graph, list(graph))
+    finally:
+        written = writebehind.stop(run)
+    node_results: list[Outcome] = results[: len(names)]
+    outcomes = {o.key: written.get(o.key, o) for o in node_results}
+    return outcomes, list(results[len(names) :])
 
 
-def run_node(
-    node: NodeSpec,
-    ref: StoreRef,
-    tags: tuple[str, ...],
-    terms: LeaseTerms,
-    parent: Outcome | None,
-    replaces: int | None = None,
-) -> Outcome:
-    """Compute one node and commit it, unless another run does; never raises.
+def run_node(task: NodeTask, parent: Outcome | None) -> Outcome:
+    """Compute one node and commit it (or submit it to the run's write-behind), unless another
+    run does; never raises.
 
-    ``replaces``: recompute the node although its manifest (this generation) is complete, and
-    commit the result as the next generation (``Store.commit(replaces=...)``).
+    ``task.replaces``: recompute the node although its manifest (this generation) is complete,
+    and commit the result as the next generation (``Store.commit(replaces=...)``).
     """
+    node = task.node
     if isinstance(parent, Failed | Skipped):
         return Skipped(node.key, parent.key if isinstance(parent, Failed) else parent.because)
     start = time.perf_counter()
+    lease = None
+    behind = writebehind.running(task.run)
     try:
-        store = ref.open()
-        if replaces is not None:
-            # No lease: waiting for "a manifest" would find the one being replaced. Two runs
-            # recomputing one node both compute; the commit picks one winner.
-            _compute(store, node, tags, start, replaces)
+        store = task.ref.open()
+        # No lease to recompute: waiting for "a manifest" would find the one being replaced.
+        # Two runs recomputing one node both compute; the commit picks one winner.
+        if task.replaces is None:
+            lease = claim(store, node.key, task.terms)
+            if lease is None:
+                return Waited(node.key, time.perf_counter() - start)
+        if behind is None:
+            with holding(store, lease, task.terms) if lease else nullcontext():
+                state = _state(store, node, task.tags, None)
+                seconds = time.perf_counter() - start
+                manifest = save_state(store, state, node, seconds)
+                store.commit(node.key, manifest, repair=True, replaces=task.replaces)
             return Done(node.key, time.perf_counter() - start, time.time())
-        lease = claim(store, node.key, terms)
-        if lease is None:
-            return Waited(node.key, time.perf_counter() - start)
-        with holding(store, lease, terms):
-            _compute(store, node, tags, start)
-        return Done(node.key, time.perf_counter() - start, time.time())
+        if lease is not None:
+            behind.keeper.hold(lease)
+        state = _state(store, node, task.tags, behind)
+        seconds = time.perf_counter() - start
+        with store.staged(behind.known) as stage:
+            manifest = save_state(store, state, node, seconds)
+        behind.submit(
+            Staged(
+                node, manifest, stage.objects, frozenset(stage.named), seconds, lease, task.replaces
+            )
+        )
+        return Done(node.key, seconds)  # until the write-behind says how its write went
     except Exception as exc:
-        return Failed(node.key, _portable(exc), traceback.format_exc())
+        if behind is not None and lease is not None:
+            behind.keeper.release([node.key])
+        if isinstance(exc, _ParentNotWritten):
+            failed = exc.outcome
+            return Skipped(node.key, failed.key if isinstance(failed, Failed) else failed.because)
+        return Failed(node.key, portable(exc), traceback.format_exc())
 
 
-def _compute(
-    store: ds.Store,
-    node: NodeSpec,
-    tags: tuple[str, ...],
-    start: float,
-    replaces: int | None = None,
-) -> None:
+class _ParentNotWritten(Exception):
+    """The run failed to write the parent (``outcome``), after its task had returned."""
+
+    def __init__(self, outcome: Failed | Skipped) -> None:
+        super().__init__(outcome.key)
+        self.outcome = outcome
+
+
+def _state(
+    store: ds.Store, node: NodeSpec, tags: tuple[str, ...], behind: WriteBehind | None
+) -> ExperimentState:
+    """The node's state, computed: from its arguments (a root) or from its parent's state."""
     if node.recipe is None:
         state = node.state_class.__new__(node.state_class)
         for name, value in node.arguments.items():
@@ -181,24 +197,51 @@ def _compute(
                 setattr(state, name, value)
         label(state, node.key, tags)
         state.initialize_state(**node.arguments)
-    else:
-        assert node.parent is not None
-        state = load_state(store, node.parent, node.state_class, tags)
-        label(state, node.key, tags)
-        state = node.recipe.run(state)
-        if not isinstance(state, ExperimentState):
-            raise TypeError(
-                f"{type(node.recipe).__name__}.run must return the state "
-                f"(an ExperimentState), but returned {type(state).__name__}"
-            )
-    seconds = time.perf_counter() - start
-    store.commit(node.key, save_state(store, state, node, seconds), repair=True, replaces=replaces)
+        return state
+    assert node.parent is not None
+    state = _load(store, node.parent, node.state_class, tags, behind)
+    written = behind.written(node.parent) if behind is not None else None
+    if isinstance(written, Failed | Skipped):
+        raise _ParentNotWritten(written)
+    label(state, node.key, tags)
+    state = node.recipe.run(state)
+    if not isinstance(state, ExperimentState):
+        raise TypeError(
+            f"{type(node.recipe).__name__}.run must return the state "
+            f"(an ExperimentState), but returned {type(state).__name__}"
+        )
+    return state
+
+
+def _load(
+    store: ds.Store,
+    key: ds.NodeKey,
+    state_class: type[ExperimentState],
+    tags: tuple[str, ...],
+    behind: WriteBehind | None,
+) -> ExperimentState:
+    """A fresh copy of the state of ``key``: from what the run staged, if it holds it, else
+    from the store."""
+    held = behind.parent(key) if behind is not None else None
+    if held is None:
+        return load_state(store, key, state_class, tags)
+    manifest, objects = held
+    try:
+        with store.reading(objects):
+            return load_state(store, key, state_class, tags, manifest=manifest)
+    finally:
+        assert behind is not None
+        behind.read(key)
 
 
 def run_function(
-    call: CallSpec, ref: StoreRef, node: Outcome | None, after: object = None
+    call: CallSpec,
+    ref: StoreRef,
+    node: Outcome | None,
+    after: object = None,
+    run: str = "",
 ) -> Returned | Failed | Skipped:
-    """Run one Function on a (fresh copy of a) committed state and store its value (unless
+    """Run one Function on a (fresh copy of a) computed state and store its value (unless
     ``call.save`` is False); never raises.
 
     ``after`` is only an ordering edge (the previous call's outcome) and is ignored.
@@ -208,7 +251,12 @@ def run_function(
     start = time.perf_counter()
     try:
         store = ref.open()
-        state = load_state(store, call.node.key, call.node.state_class, call.tags)
+        behind = writebehind.running(run) if node is not None else None
+        state = _load(store, call.node.key, call.node.state_class, call.tags, behind)
+        written = behind.written(call.node.key) if behind is not None else None
+        if isinstance(written, Failed | Skipped):  # its value would be of a state not stored
+            because = written.key if isinstance(written, Failed) else written.because
+            return Skipped(call.node.key, because)
         value = call.function.fn(state)
         seconds = time.perf_counter() - start
         if call.save:
@@ -218,17 +266,16 @@ def run_function(
             )  # fmt: skip
         return Returned(call.index, value, seconds)
     except Exception as exc:
-        return Failed(call.node.key, _portable(exc), traceback.format_exc())
+        return Failed(call.node.key, portable(exc), traceback.format_exc())
 
 
-def _portable(exc: Exception) -> BaseException:
-    # Outcomes cross process boundaries: an exception that cannot be pickled is replaced by
-    # one that carries its type and message.
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return RuntimeError(f"{type(exc).__qualname__}: {exc}")
+def _get(scheduler: Scheduler) -> Callable[..., Any]:
+    """The dask get function that computes with ``scheduler``."""
+    if not isinstance(scheduler.get, str):
+        return scheduler.get
+    # dask's own lookup imports distributed to look for a client: a third of a second.
+    get: Callable[..., Any] | None = _GETS.get(scheduler.get)
+    return get or dask.base.get_scheduler(scheduler=scheduler.get)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +301,11 @@ _SCHEDULERS: dict[str, Scheduler] = {
     "single-threaded": _SYNC,
     "threads": Scheduler("threads"),
     "processes": Scheduler("processes"),
+}
+_GETS: dict[str, Callable[..., Any]] = {
+    "synchronous": dask.local.get_sync,
+    "threads": dask.threaded.get,
+    "processes": dask.multiprocessing.get,
 }
 # dask's own get functions, for what dagger knows of them.
 _KNOWN_GETS: dict[Any, Scheduler] = {

@@ -18,11 +18,12 @@ from blake3 import blake3
 import dagger_store as ds
 from dagger_orchestrate.codecs import plain_or_repr
 from dagger_orchestrate.definition import Definition, FunctionCall, StatePromise
-from dagger_orchestrate.execute import CallSpec, Done, Failed, Returned, Skipped, Waited, execute
+from dagger_orchestrate.execute import CallSpec, Returned, execute
 from dagger_orchestrate.folder import absolute, is_url, open_folder
 from dagger_orchestrate.graph import Graph
 from dagger_orchestrate.graph import GraphNode as GraphNodeType
 from dagger_orchestrate.inflight import LeaseTerms
+from dagger_orchestrate.outcomes import Done, Failed, Skipped, Waited
 from dagger_orchestrate.plan import resolve
 from dagger_orchestrate.results import (
     load_result,
@@ -42,9 +43,9 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-    from dagger_orchestrate.execute import Outcome
     from dagger_orchestrate.function import Function
     from dagger_orchestrate.graph import GraphNode
+    from dagger_orchestrate.outcomes import Outcome
     from dagger_orchestrate.plan import NodeSpec
 
 

@@ -40,14 +40,15 @@ def claim(store: ds.Store, key: ds.NodeKey, terms: LeaseTerms) -> leases.Lease |
     delay = _FIRST_POLL
     deadline = None if terms.wait is None else time.monotonic() + terms.wait
     while True:
-        if store.manifests([key]):
-            return None
+        # (The run's plan has just found no manifest: the lease comes first.)
         lease = leases.acquire(store, key, terms.owner, terms.seconds)
         if lease is not None:
-            if store.manifests([key]):  # committed just before we took it over
+            if _committed(store, key):  # by a run whose lease ended before we took ours
                 leases.release(store, lease)
                 return None
             return lease
+        if _committed(store, key):
+            return None
         if deadline is not None and time.monotonic() > deadline:
             holder = leases.current(store, key)
             who = f"{holder.host} pid {holder.pid}" if holder else "another run"
@@ -57,6 +58,55 @@ def claim(store: ds.Store, key: ds.NodeKey, terms: LeaseTerms) -> leases.Lease |
             )
         time.sleep(delay)
         delay = min(delay * 2, _LONGEST_POLL)
+
+
+def _committed(store: ds.Store, key: ds.NodeKey) -> bool:
+    # A node the plan found missing mostly still has no manifest at all: one existence
+    # question says so; only where there is one is it read (it may be incomplete).
+    return store.has_manifests([key])[0] and bool(store.manifests([key]))
+
+
+class Keeper:
+    """Renews the leases a run holds, all from one thread, every third of the lease time,
+    until they are released (in batches: ``release``)."""
+
+    def __init__(self, store: ds.Store, terms: LeaseTerms) -> None:
+        self._store = store
+        self._terms = terms
+        self._held: dict[ds.NodeKey, leases.Lease] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="dagger-leases", daemon=True)
+        self._thread.start()
+
+    def hold(self, lease: leases.Lease) -> None:
+        with self._lock:
+            self._held[lease.key] = lease
+
+    def release(self, keys: list[ds.NodeKey]) -> None:
+        with self._lock:
+            gone = [lease for key in keys if (lease := self._held.pop(key, None)) is not None]
+        leases.release_many(self._store, gone)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.release(list(self._held))
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self._terms.seconds / 3):
+            with self._lock:
+                held = list(self._held.values())
+            for lease in held:
+                renewed = leases.renew(self._store, lease, self._terms.seconds)
+                with self._lock:
+                    if lease.key not in self._held:
+                        if renewed is not None:  # released meanwhile: so is this generation
+                            leases.release(self._store, renewed)
+                    elif renewed is None:  # taken over (we were too slow): the commit decides
+                        del self._held[lease.key]
+                    else:
+                        self._held[lease.key] = renewed
 
 
 @contextmanager

@@ -54,14 +54,16 @@ def load_state(
     state_class: type[ExperimentState],
     tags: tuple[str, ...],
     attributes: Iterable[str] | None = None,
+    manifest: ds.Manifest | None = None,
 ) -> ExperimentState:
-    """A fresh state object rebuilt from the manifest under ``key``.
+    """A fresh state object rebuilt from the manifest under ``key`` (or from ``manifest``,
+    that node's, in hand).
 
     ``attributes``: load only these (default: all). An attribute whose stored object needs a
     class that cannot be imported here raises MissingClassError naming the node, the attribute
     and the class, after every other attribute was loaded (``error.state`` holds them).
     """
-    manifest = store.get_manifest(key)
+    manifest = store.get_manifest(key) if manifest is None else manifest
     stored: dict[str, Any] = manifest.meta["attributes"]
     wanted = list(stored) if attributes is None else list(attributes)
     unknown = [name for name in wanted if name not in stored]

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 
 import msgpack
 
+from dagger_store.backends.base import SupportsDeleteMany, SupportsWriteMany
 from dagger_store.errors import NotFoundError, StoreError
 from dagger_store.host import host, user
 from dagger_store.keys import NodeKey
@@ -62,6 +65,10 @@ def acquire(store: Store, key: NodeKey, owner: str, seconds: float) -> Lease | N
     Returns the lease, or None when another owner holds it (or won the race to take it).
     An expired lease is taken over.
     """
+    # Most nodes were never leased: their first generation costs one write and no listing.
+    first = _write(store, key, owner, seconds, 0)
+    if first is not None:
+        return first
     latest = current(store, key)
     if latest is not None and latest.live() and latest.owner != owner:
         return None
@@ -75,10 +82,30 @@ def renew(store: Store, lease: Lease, seconds: float) -> Lease | None:
 
 def release(store: Store, lease: Lease) -> None:
     """Give ``lease`` up now, so waiters need not wait for its expiry; never raises."""
+    release_many(store, [lease])
+
+
+def release_many(store: Store, held: Sequence[Lease]) -> None:
+    """``release`` each lease; first generations (a lease never renewed nor taken over: the
+    whole chain is ours) in one batched delete where the backend has one."""
+    backend = store.backend
+    firsts = [lease for lease in held if lease.generation == 0]
+    if isinstance(backend, SupportsDeleteMany) and len(firsts) > 1:
+        with suppress(StoreError):  # advice only: an expiry frees them anyway
+            backend.delete_many([lease_key(lease.key, 0) for lease in firsts])
+        held = [lease for lease in held if lease.generation != 0]
+    for lease in held:
+        _release(store, lease)
+
+
+def _release(store: Store, lease: Lease) -> None:
     try:
         delete = getattr(store.backend, "delete", None)
         if delete is None:  # cannot tidy: end the chain with an already-expired generation
             _write(store, lease.key, lease.owner, 0.0, lease.generation + 1)
+            return
+        if lease.generation == 0:  # the whole chain is ours: no listing
+            delete(lease_key(lease.key, 0))
             return
         # Remove our part of the chain; a newer generation is a new holder's: keep it.
         for old in list(store.backend.iter_keys(lease_prefix(lease.key))):
@@ -108,9 +135,12 @@ def _write(store: Store, key: NodeKey, owner: str, seconds: float, generation: i
         "pid": lease.pid,
         "user": user(),
     }
-    created = store.backend.write_once(
-        lease_key(key, generation), msgpack.packb(document, use_bin_type=True)
-    )
+    name, data = lease_key(key, generation), msgpack.packb(document, use_bin_type=True)
+    backend = store.backend
+    if isinstance(backend, SupportsWriteMany):  # not durable: a power cut ends its holder too
+        created = backend.write_once_many([(name, (data,))], durable=False)[0]
+    else:
+        created = backend.write_once(name, data)
     return lease if created else None
 
 

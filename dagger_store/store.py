@@ -46,13 +46,21 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dagger_store import framing
-from dagger_store.backends.base import Backend, SupportsReadInto, refresh, write_or_refresh
+from dagger_store.backends.base import (
+    Backend,
+    Buffer,
+    SupportsReadInto,
+    SupportsWriteMany,
+    refresh,
+    write_or_refresh,
+)
 from dagger_store.digest import (
     ALGORITHM,
     LEAF_SIZE,
@@ -81,6 +89,7 @@ from dagger_store.layout import (
 )
 from dagger_store.manifest import Frame, Manifest
 from dagger_store.signing import LabKey, Signatures
+from dagger_store.staging import Stage, memory_var, stage_var
 
 # Below this size a conditional write is cheaper than asking first whether the blob exists.
 _ASK_FIRST_ABOVE = 256 * 1024
@@ -210,13 +219,18 @@ class Store:
         (``digest.LEAF_SIZE``) is hashed, compressed and written leaf by leaf in parallel.
         """
         view = _byte_view(data)
+        stage = stage_var.get()
         compress = self._compressor.pays_off(view)
         leaves = leaf_views(view)
         if len(leaves) == 1:
-            return self._put_leaf(view, compress)
-        digests = self.map(lambda leaf: self._put_leaf(leaf, compress), leaves)
+            return self._put_leaf(view, compress, stage)
+        digests = self.map(lambda leaf: self._put_leaf(leaf, compress, stage), leaves)
         top = tree_digest(len(view), digests)
-        write_or_refresh(self.backend, blob_key(top), framing.encode_index(top.size, digests))
+        key = blob_key(top)
+        if stage is None:
+            write_or_refresh(self.backend, key, framing.encode_index(top.size, digests))
+        elif _stages(stage, key):
+            stage.objects[key] = framing.encode_index(top.size, digests)
         return top
 
     def put_many(self, values: Sequence[Any]) -> list[Digest]:
@@ -224,17 +238,29 @@ class Store:
         side by side on the pool (a model's many small matrices use every core)."""
         views = [_byte_view(v) for v in values]
         small = [i for i, v in enumerate(views) if len(v) <= LEAF_SIZE]
-        digests: dict[int, Digest] = dict(
-            zip(small, self.map(lambda i: self.put(views[i]), small), strict=True)
-        )
+        stage = stage_var.get()  # pool threads have contexts of their own: hand it over
+
+        def put_small(i: int) -> Digest:
+            token = stage_var.set(stage)
+            try:
+                return self.put(views[i])
+            finally:
+                stage_var.reset(token)
+
+        digests: dict[int, Digest] = dict(zip(small, self.map(put_small, small), strict=True))
         for i, view in enumerate(views):
             if i not in digests:  # a large value parallelises over its own leaves
                 digests[i] = self.put(view)
         return [digests[i] for i in range(len(views))]
 
-    def _put_leaf(self, leaf: memoryview, compress: bool) -> Digest:
+    def _put_leaf(self, leaf: memoryview, compress: bool, stage: Stage | None) -> Digest:
         digest = leaf_digest(leaf)
         key = blob_key(digest)
+        if stage is not None:
+            if _stages(stage, key):
+                head, payload = self._compressor.encode_leaf(leaf, compress)
+                stage.objects[key] = b"".join((head, payload))  # ours: the caller may mutate
+            return digest
         # Content found present is touched (refresh): it may be old and unreferenced, and the
         # touch gives it a garbage collector's grace period until our manifest names it.
         present = len(leaf) > _ASK_FIRST_ABOVE and self.backend.exists_many([key])[0]
@@ -247,7 +273,8 @@ class Store:
     def get(self, digest: Digest) -> bytes:
         """The verified bytes of a blob. For large arrays prefer ``get_into`` (no extra copy)."""
         _check_digest(digest)
-        if not digest.is_chunked:
+        memory = memory_var.get()
+        if not digest.is_chunked and not (memory and blob_key(digest) in memory):
             data = self._read(digest)
             kind = framing.read_header(data, blob_key(digest))
             return self._decode_leaf(kind, memoryview(data)[HEADER_SIZE:], digest)
@@ -267,12 +294,15 @@ class Store:
                 f"get_into needs a buffer of exactly {digest.size} bytes for {digest}, "
                 f"got {len(target)}"
             )
+        memory = memory_var.get()  # read here: pool threads have contexts of their own
         if not digest.is_chunked:
-            self._read_leaf_into(digest, target)
+            self._read_leaf_into(digest, target, memory)
             return
-        leaves = self._read_index(digest)
+        leaves = self._read_index(digest, memory)
         parts = leaf_views(target)
-        self.map(lambda pair: self._read_leaf_into(*pair), list(zip(leaves, parts, strict=True)))
+        self.map(
+            lambda pair: self._read_leaf_into(*pair, memory), list(zip(leaves, parts, strict=True))
+        )
 
     def has_blobs(self, digests: Sequence[Digest]) -> list[bool]:
         """Whether each blob is stored whole, in batched rounds.
@@ -307,16 +337,20 @@ class Store:
         except StoreError:  # gone since, or corrupt: either way not stored whole
             return None
 
-    def _read(self, digest: Digest) -> bytes:
+    def _read(self, digest: Digest, memory: Mapping[str, bytes] | None = None) -> bytes:
         key = blob_key(digest)
+        if memory and (held := memory.get(key)) is not None:
+            return held
         try:
             return self.backend.read(key)
         except NotFoundError as exc:
             raise NotFoundError(f"no blob {digest} in {self.url}", key=key) from exc
 
-    def _read_index(self, digest: Digest) -> list[Digest]:
+    def _read_index(
+        self, digest: Digest, memory: Mapping[str, bytes] | None = None
+    ) -> list[Digest]:
         key = blob_key(digest)
-        data = self._read(digest)
+        data = self._read(digest, memory)
         if framing.read_header(data, key) is not Framing.INDEX:
             raise IntegrityError(f"blob {key!r} should be a chunked index but is not", key=key)
         stored = framing.decode_index(memoryview(data)[HEADER_SIZE:], digest.hex, key)
@@ -327,8 +361,21 @@ class Store:
             )
         return framing.index_leaves(memoryview(data)[HEADER_SIZE:], digest)
 
-    def _read_leaf_into(self, digest: Digest, target: memoryview) -> None:
+    def _read_leaf_into(
+        self, digest: Digest, target: memoryview, memory: Mapping[str, bytes] | None = None
+    ) -> None:
         key = blob_key(digest)
+        if memory and (held := memory.get(key)) is not None:
+            # Staged by this process, which hashed these very bytes: decoded, not verified.
+            kind = framing.read_header(held, key)
+            payload = memoryview(held)[HEADER_SIZE:]
+            if kind is Framing.ZSTD:
+                framing.decompress_into(payload, target, key)
+            elif kind is Framing.RAW and len(payload) == len(target):
+                target[:] = payload
+            else:
+                raise IntegrityError(f"staged blob {key!r} is not a leaf of its size", key=key)
+            return
         backend = self.backend
         if isinstance(backend, SupportsReadInto) and digest.size > _READ_INTO_ABOVE:
             head = bytearray(HEADER_SIZE)
@@ -360,6 +407,83 @@ class Store:
             raise IntegrityError(f"blob {key!r} should be a leaf but is a {kind.name}", key=key)
         framing.verify(raw, digest, key)
         return raw
+
+    # -- staged writes (staging.py) ------------------------------------------------------------
+
+    @contextmanager
+    def staged(self, known: Container[str] = frozenset()) -> Iterator[Stage]:
+        """Within the block, ``put`` (in this thread) hashes and encodes but writes nothing:
+        the encoded objects collect in the Stage, for ``write_staged``. Blobs whose keys are in
+        ``known`` (written or touched by the same writer already) are not encoded again."""
+        stage = Stage(known)
+        token = stage_var.set(stage)
+        try:
+            yield stage
+        finally:
+            stage_var.reset(token)
+
+    @contextmanager
+    def reading(self, objects: Mapping[str, bytes]) -> Iterator[None]:
+        """Within the block, blobs among ``objects`` (``Stage.objects``) are read from there."""
+        token = memory_var.set(objects)
+        try:
+            yield
+        finally:
+            memory_var.reset(token)
+
+    def write_staged(self, objects: Mapping[str, bytes]) -> None:
+        """Write staged blob objects in groups (leaves, then the indexes naming them, so that an
+        index implies its leaves), each group durable before this returns. As ``put`` does,
+        content found present is touched, and a large object is asked about before it is sent."""
+        leaves = [k for k, v in objects.items() if framing.read_header(v, k) is not Framing.INDEX]
+        indexes = [k for k in objects if k not in set(leaves)]
+        for group in (leaves, indexes):
+            large = [k for k in group if len(objects[k]) > _ASK_FIRST_ABOVE]
+            asked = self.backend.exists_many(large) if large else []
+            present = {k for k, p in zip(large, asked, strict=True) if p}
+            send = [k for k in group if k not in present]
+            created = self._write_group([(k, (objects[k],)) for k in send])
+            found = [k for k, c in zip(send, created, strict=True) if not c] + sorted(present)
+            touched = self.map(lambda k: refresh(self.backend, k), found)
+            for key, ok in zip(found, touched, strict=True):
+                if not ok:  # collected between the two: written again
+                    write_or_refresh(self.backend, key, objects[key])
+
+    def commit_written(self, items: Sequence[tuple[NodeKey, Manifest, int | None]]) -> list[Commit]:
+        """``commit(key, manifest, repair=True, replaces=replaces)`` of each item, written as one
+        group, for a writer that has itself just written or touched every blob they name
+        (``write_staged``): their existence is not asked again. A name found taken (another
+        writer's commit, a lost answer, a repair) goes through ``commit``, item by item."""
+        for key, _, _ in items:
+            _check_node_key(key)
+        frames = [self._frame(key, manifest) for key, manifest, _ in items]
+        generations = [0 if replaces is None else replaces + 1 for _, _, replaces in items]
+        created = self._write_group(
+            [
+                (manifest_generation_key(key, generation), (frame,))
+                for (key, _, _), generation, frame in zip(items, generations, frames, strict=True)
+            ]
+        )
+        return [
+            Commit(key, manifest, won=True, generation=generation)
+            if ok
+            else self.commit(key, manifest, repair=True, replaces=replaces)
+            for (key, manifest, replaces), generation, ok in zip(
+                items, generations, created, strict=True
+            )
+        ]
+
+    def _write_group(
+        self, items: Sequence[tuple[str, Sequence[Buffer]]], durable: bool = True
+    ) -> list[bool]:
+        if isinstance(self.backend, SupportsWriteMany):
+            return self.backend.write_once_many(items, durable=durable)
+        backend = self.backend
+        return self.map(lambda item: backend.write_once(item[0], *item[1]), items)
+
+    def _frame(self, key: NodeKey, manifest: Manifest) -> bytes:
+        payload = manifest.payload()
+        return Frame(payload, self._signatures.sign(key, payload)).encode()
 
     # -- manifests -----------------------------------------------------------------------------
 
@@ -393,8 +517,7 @@ class Store:
                 key=str(key),
                 missing=tuple(missing),
             )
-        payload = manifest.payload()
-        data = Frame(payload, self._signatures.sign(key, payload)).encode()
+        data = self._frame(key, manifest)
         generation = 0 if replaces is None else replaces + 1
         while True:
             name = manifest_generation_key(key, generation)
@@ -497,6 +620,13 @@ class Store:
         keys = list(keys)
         found = self.manifests(keys)
         return [k for k in keys if k not in found]
+
+    def has_manifests(self, keys: Sequence[NodeKey]) -> list[bool]:
+        """Whether each key has a manifest, complete or not (its generation 0: readers start
+        there, and gc takes it last), in one existence round: nothing is read."""
+        for key in keys:
+            _check_node_key(key)
+        return self.backend.exists_many([manifest_generation_key(k, 0) for k in keys])
 
     def manifests(self, keys: Iterable[NodeKey]) -> dict[NodeKey, Manifest]:
         """The complete manifests among ``keys``; absent, incomplete and untrusted (unsigned where
@@ -650,6 +780,12 @@ class Store:
         if len(items) <= 1:
             return [fn(item) for item in items]
         return list(self._pool.map(fn, items))
+
+
+def _stages(stage: Stage, key: str) -> bool:
+    """Record that ``key`` was put inside ``stage``; whether it is still to be encoded there."""
+    stage.named.add(key)
+    return key not in stage.known and key not in stage.objects
 
 
 def _check_digest(digest: object) -> None:

@@ -186,6 +186,21 @@ class SupportsDeleteMany(Protocol):
 
 
 @runtime_checkable
+class SupportsWriteMany(Protocol):
+    """A backend that writes a group of objects for less than one at a time (local: one flush
+    of the file system for the group instead of two fsyncs per object). Others are written
+    side by side on the store's pool (``Store``)."""
+
+    def write_once_many(
+        self, items: Sequence[tuple[str, Sequence[Buffer]]], *, durable: bool = True
+    ) -> list[bool]:
+        """``[write_once(key, *parts) for key, parts in items]``, as one group: whether each
+        was created, in order. ``durable=False``: the objects may be lost in a power cut (a
+        lease: advice whose holder a power cut ends anyway), never seen partial."""
+        ...
+
+
+@runtime_checkable
 class SupportsTouch(Protocol):
     """A backend that can refresh the modification time of a key without changing its value."""
 

@@ -17,8 +17,10 @@ per-key deletes side by side on the store's pool beat any loop here (on NFS, rou
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
@@ -35,6 +37,8 @@ _TMP = ".tmp"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _OBJECT_MODE = 0o444 & ~_UMASK
+# syncfs(2) flushes one file system in one call: a group of objects costs one flush.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 class LocalBackend:
@@ -111,7 +115,7 @@ class LocalBackend:
         with self._translated(key):
             if path.exists():  # cheap fast path; the link below is what decides
                 return False
-            tmp = self._durable_temp(parts)
+            tmp = self._temp(parts)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
@@ -123,9 +127,55 @@ class LocalBackend:
             finally:
                 os.unlink(tmp)
 
-    def _durable_temp(self, parts: Sequence[Buffer]) -> str:
-        """A read-only temp file in the store's tree holding ``parts``, fsynced, ready to be
-        linked or renamed into place (same file system, so that is atomic)."""
+    def write_once_many(
+        self, items: Sequence[tuple[str, Sequence[Buffer]]], *, durable: bool = True
+    ) -> list[bool]:
+        """``write_once`` of each item, made durable as a group: every temp file is written,
+        then flushed together, then linked, then the folders' new entries flushed together.
+        A flush is one ``syncfs`` of the store's file system where Linux offers it (which also
+        flushes what other writers left dirty there), else an fsync per file and folder."""
+        for key, _ in items:
+            check_key(key)
+        if not self.root.is_dir():
+            raise BackendError(
+                f"the store folder {self.root} is gone (deleted while open?); open the store "
+                "again to recreate it"
+            )
+        temps: list[str | None] = []
+        try:
+            for key, parts in items:
+                with self._translated(key):
+                    absent = not self._path(key).exists()  # cheap; the link decides
+                    temps.append(self._temp(parts, durable=False) if absent else None)
+            if durable:
+                self._flush([t for t in temps if t is not None])
+            created: list[bool] = []
+            folders: set[Path] = set()
+            for (key, _), tmp in zip(items, temps, strict=True):
+                path = self._path(key)
+                with self._translated(key):
+                    if tmp is not None:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                    created.append(tmp is not None and _linked(tmp, path))
+                if created[-1]:
+                    folders.add(path.parent)
+            if durable:
+                self._flush(sorted(folders))
+            return created
+        finally:
+            for tmp in temps:
+                if tmp is not None:
+                    os.unlink(tmp)
+
+    def _flush(self, paths: Sequence[str | Path]) -> None:
+        if paths and not _syncfs(self.root):
+            for path in paths:
+                _fsync_path(path)
+
+    def _temp(self, parts: Sequence[Buffer], durable: bool = True) -> str:
+        """A read-only temp file in the store's tree holding ``parts`` (fsynced if
+        ``durable``), ready to be linked or renamed into place (same file system, so that is
+        atomic)."""
         self._tmp.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self._tmp)
         try:
@@ -133,7 +183,8 @@ class LocalBackend:
                 os.fchmod(f.fileno(), _OBJECT_MODE)
                 for part in parts:
                     _write_all(f.fileno(), memoryview(part))
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
         except BaseException:
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -213,7 +264,7 @@ class LocalBackend:
             data = path.read_bytes()
         except FileNotFoundError:
             return False
-        tmp = self._durable_temp([data])
+        tmp = self._temp([data])
         try:
             # Readers see the old file or the copy, both whole and equal; should the original
             # have been deleted meanwhile, the copy restores it, which is what a touch wants.
@@ -270,6 +321,40 @@ def _write_all(fd: int, data: memoryview) -> None:
     while data:
         n = os.write(fd, data)
         data = data[n:]
+
+
+def _linked(tmp: str, path: Path) -> bool:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    return True
+
+
+def _syncfs(path: Path) -> bool:
+    """Flush the whole file system holding ``path`` (Linux ``syncfs``); False where there is
+    no such call, so that the caller fsyncs file by file."""
+    if _LIBC is None or not hasattr(_LIBC, "syncfs"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _LIBC.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs of {path}: {os.strerror(code)}")
+    finally:
+        os.close(fd)
+    return True
+
+
+def _fsync_path(path: str | Path) -> None:
+    if os.path.isdir(path):
+        _fsync_dir(Path(path))
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
