@@ -256,31 +256,20 @@ class _TreeCodec:
         return _is_tree(value, _torch())
 
     def save(self, store: ds.Store, value: Any) -> tuple[Parts, dict[str, Any]]:
-        arrays: list[np.ndarray[Any, Any]] = []
-        tensors: list[Any] = []
-
-        def refer(obj: Any) -> msgpack.ExtType:
-            if type(obj) is tuple:
-                return msgpack.ExtType(_TUPLE, pack(list(obj)))
-            if type(obj) is np.ndarray:
-                arrays.append(obj)
-                return msgpack.ExtType(_ARRAY, pack(len(arrays) - 1))
-            if isinstance(obj, np.generic):  # its dtype (byte order included) and its bytes
-                return msgpack.ExtType(_SCALAR, pack([obj.dtype.str, obj.tobytes()]))
-            tensors.append(obj)
-            return msgpack.ExtType(_TENSOR, pack(len(tensors) - 1))
-
-        def pack(obj: Any) -> bytes:
-            # strict types: tuples reach `refer` instead of silently becoming lists
-            packed: bytes = msgpack.packb(obj, default=refer, strict_types=True, use_bin_type=True)
-            return packed
-
-        parts = {"": store.put(pack(value))}
+        packer = _TreePacker()
+        structure = packer.pack(value)
+        parts: Parts = {}
+        spec: dict[str, Any] = {}
+        if len(structure) <= INLINE_BYTES:
+            spec["inline"] = structure
+        else:
+            parts[""] = store.put(structure)
+        arrays = packer.arrays
         for i, digest in enumerate(store.put_many(arrays)):
             parts[f"#{i}"] = digest
-        tensor_parts, tensor_specs = _save_tensors(store, tensors)
+        tensor_parts, tensor_specs = _save_tensors(store, packer.tensors)
         shapes = [{"dtype": a.dtype.str, "shape": list(a.shape)} for a in arrays]
-        return parts | tensor_parts, {"arrays": shapes, "tensors": tensor_specs}
+        return parts | tensor_parts, spec | {"arrays": shapes, "tensors": tensor_specs}
 
     def load(self, store: ds.Store, parts: Mapping[str, ds.Digest], spec: Mapping[str, Any]) -> Any:
         arrays = []
@@ -289,23 +278,62 @@ class _TreeCodec:
             store.get_into(parts[f"#{i}"], array)
             arrays.append(array)
         tensors = _load_tensors(store, parts, spec["tensors"])
+        structure = spec["inline"] if "inline" in spec else store.get(parts[""])
+        return _TreeUnpacker(arrays, tensors).unpack(structure)
 
-        def resolve(code: int, data: bytes) -> Any:
-            if code == _TUPLE:
-                return tuple(unpack(data))
-            if code == _ARRAY:
-                return arrays[unpack(data)]
-            if code == _TENSOR:
-                return tensors[unpack(data)]
-            if code == _SCALAR:
-                dtype, raw = unpack(data)
-                return np.frombuffer(raw, dtype=np.dtype(dtype))[0]
-            raise ds.FormatError(f"a tree attribute has unknown element {code}", key=str(code))
 
-        def unpack(data: bytes) -> Any:
-            return msgpack.unpackb(data, ext_hook=resolve, raw=False, strict_map_key=False)
+# The tree codec's packing and unpacking are objects, not nested functions: two closures that
+# call each other form a reference cycle, which would keep every array of a state alive until
+# the cyclic garbage collector happens to run (hundreds of MB in a run of large states).
 
-        return unpack(store.get(parts[""]))
+
+class _TreePacker:
+    """msgpack with the tree's extension types; collects the arrays and tensors it meets."""
+
+    def __init__(self) -> None:
+        self.arrays: list[np.ndarray[Any, Any]] = []
+        self.tensors: list[Any] = []
+
+    def pack(self, obj: Any) -> bytes:
+        # strict types: tuples reach `_refer` instead of silently becoming lists
+        packed: bytes = msgpack.packb(
+            obj, default=self._refer, strict_types=True, use_bin_type=True
+        )
+        return packed
+
+    def _refer(self, obj: Any) -> msgpack.ExtType:
+        if type(obj) is tuple:
+            return msgpack.ExtType(_TUPLE, self.pack(list(obj)))
+        if type(obj) is np.ndarray:
+            self.arrays.append(obj)
+            return msgpack.ExtType(_ARRAY, self.pack(len(self.arrays) - 1))
+        if isinstance(obj, np.generic):  # its dtype (byte order included) and its bytes
+            return msgpack.ExtType(_SCALAR, self.pack([obj.dtype.str, obj.tobytes()]))
+        self.tensors.append(obj)
+        return msgpack.ExtType(_TENSOR, self.pack(len(self.tensors) - 1))
+
+
+class _TreeUnpacker:
+    """The inverse of ``_TreePacker``, given the arrays and tensors it collected."""
+
+    def __init__(self, arrays: list[Any], tensors: list[Any]) -> None:
+        self.arrays = arrays
+        self.tensors = tensors
+
+    def unpack(self, data: bytes) -> Any:
+        return msgpack.unpackb(data, ext_hook=self._resolve, raw=False, strict_map_key=False)
+
+    def _resolve(self, code: int, data: bytes) -> Any:
+        if code == _TUPLE:
+            return tuple(self.unpack(data))
+        if code == _ARRAY:
+            return self.arrays[self.unpack(data)]
+        if code == _TENSOR:
+            return self.tensors[self.unpack(data)]
+        if code == _SCALAR:
+            dtype, raw = self.unpack(data)
+            return np.frombuffer(raw, dtype=np.dtype(dtype))[0]
+        raise ds.FormatError(f"a tree attribute has unknown element {code}", key=str(code))
 
 
 class _ContentCodec:

@@ -138,7 +138,7 @@ def run_node(task: NodeTask, parent: Outcome | None) -> Outcome:
     """
     node = task.node
     if isinstance(parent, Failed | Skipped):
-        return Skipped(node.key, parent.key if isinstance(parent, Failed) else parent.because)
+        return _skipped(node.key, parent)
     start = time.perf_counter()
     lease = None
     behind = writebehind.running(task.run)
@@ -146,7 +146,9 @@ def run_node(task: NodeTask, parent: Outcome | None) -> Outcome:
         store = task.ref.open()
         # No lease to recompute: waiting for "a manifest" would find the one being replaced.
         # Two runs recomputing one node both compute; the commit picks one winner.
-        if task.replaces is None:
+        if task.replaces is None and not (
+            behind is not None and node.parent is not None and behind.lease_later(node)
+        ):
             lease = claim(store, node.key, task.terms)
             if lease is None:
                 return Waited(node.key, time.perf_counter() - start)
@@ -159,31 +161,31 @@ def run_node(task: NodeTask, parent: Outcome | None) -> Outcome:
             return Done(node.key, time.perf_counter() - start, time.time())
         if lease is not None:
             behind.keeper.hold(lease)
+        because = behind.failed(node.parent)
+        if because is not None:  # its parent was computed, then could not be written
+            behind.forget(node.key)
+            return Skipped(node.key, because)
         state = _state(store, node, task.tags, behind)
         seconds = time.perf_counter() - start
         with store.staged(behind.known) as stage:
             manifest = save_state(store, state, node, seconds)
         behind.submit(
-            Staged(
-                node, manifest, stage.objects, frozenset(stage.named), seconds, lease, task.replaces
-            )
+            Staged(node, manifest, stage.objects, frozenset(stage.named), seconds, task.replaces)
         )
         return Done(node.key, seconds)  # until the write-behind says how its write went
     except Exception as exc:
-        if behind is not None and lease is not None:
-            behind.keeper.release([node.key])
-        if isinstance(exc, _ParentNotWritten):
-            failed = exc.outcome
-            return Skipped(node.key, failed.key if isinstance(failed, Failed) else failed.because)
+        if behind is not None:
+            behind.forget(node.key)
+            # Reading the parent may fail because the run could not write it (or an
+            # ancestor): then this node is skipped, not failed.
+            parent_written = behind.written(node.parent) if node.parent is not None else None
+            if isinstance(parent_written, Failed | Skipped):
+                return _skipped(node.key, parent_written)
         return Failed(node.key, portable(exc), traceback.format_exc())
 
 
-class _ParentNotWritten(Exception):
-    """The run failed to write the parent (``outcome``), after its task had returned."""
-
-    def __init__(self, outcome: Failed | Skipped) -> None:
-        super().__init__(outcome.key)
-        self.outcome = outcome
+def _skipped(key: ds.NodeKey, parent: Failed | Skipped) -> Skipped:
+    return Skipped(key, parent.key if isinstance(parent, Failed) else parent.because)
 
 
 def _state(
@@ -200,9 +202,6 @@ def _state(
         return state
     assert node.parent is not None
     state = _load(store, node.parent, node.state_class, tags, behind)
-    written = behind.written(node.parent) if behind is not None else None
-    if isinstance(written, Failed | Skipped):
-        raise _ParentNotWritten(written)
     label(state, node.key, tags)
     state = node.recipe.run(state)
     if not isinstance(state, ExperimentState):
@@ -247,7 +246,7 @@ def run_function(
     ``after`` is only an ordering edge (the previous call's outcome) and is ignored.
     """
     if isinstance(node, Failed | Skipped):
-        return Skipped(call.node.key, node.key if isinstance(node, Failed) else node.because)
+        return _skipped(call.node.key, node)
     start = time.perf_counter()
     try:
         store = ref.open()
@@ -255,8 +254,7 @@ def run_function(
         state = _load(store, call.node.key, call.node.state_class, call.tags, behind)
         written = behind.written(call.node.key) if behind is not None else None
         if isinstance(written, Failed | Skipped):  # its value would be of a state not stored
-            because = written.key if isinstance(written, Failed) else written.because
-            return Skipped(call.node.key, because)
+            return _skipped(call.node.key, written)
         value = call.function.fn(state)
         seconds = time.perf_counter() - start
         if call.save:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 from blake3 import blake3
 
 import dagger_store as ds
@@ -36,7 +37,7 @@ from dagger_orchestrate.state import ExperimentState
 from dagger_orchestrate.storeref import StoreRef
 from dagger_orchestrate.usercode import class_path, helper_hashes, source_hash
 from dagger_store.host import host
-from dagger_store.records import add_record, read_records
+from dagger_store.records import add_record, add_record_once, read_records
 from dagger_store.usercache import cache_dir
 
 if TYPE_CHECKING:
@@ -268,10 +269,8 @@ class Experiment:
         """
         start = time.perf_counter()
         nodes = list(self._nodes.values())
-        redo = _recompute_keys(
-            recompute, self._nodes, self._definition.all_tags(), recompute_descendants
-        )
         tags = self._definition.all_tags()
+        redo = _recompute_keys(recompute, self._nodes, tags, recompute_descendants)
         identities = {id(c.function): c.function.identity for c in self._calls}
         calls = [
             CallSpec(
@@ -282,7 +281,7 @@ class Experiment:
         ]  # fmt: skip
         # Recorded first, so that the cached nodes this run relies on, and the results it will
         # store, are already garbage collection roots when it looks them up or writes them.
-        self._record_definition([c.result_key for c in calls])
+        self._record_definition([c.result_key for c in calls], tags)
         plan = resolve(nodes, self.store, redo)
         self._warn_stale(plan.cached)
         # One batched question for every call's stored result: cached Functions reuse theirs
@@ -402,34 +401,58 @@ class Experiment:
             add_record(self.store, self.name, "accept", (), document)
         return tuple(s.key for s in stale)
 
-    def _record_definition(self, result_keys: Iterable[ds.NodeKey] = ()) -> None:
+    def _record_definition(
+        self,
+        result_keys: Iterable[ds.NodeKey] = (),
+        tags: Mapping[ds.NodeKey, tuple[str, ...]] | None = None,
+    ) -> None:
         """The defined tree (nodes, tags, Function calls); its keys, the gc roots it makes,
-        are the nodes' and the keys their Functions' results are stored under."""
-        nodes = [
-            {
-                "key": n.key.hex,
-                "parent": n.parent.hex if n.parent is not None else None,
-                "label": n.label,
-                "recipe": type(n.recipe).__name__ if n.recipe is not None else None,
-                "properties": plain_or_repr(
-                    n.recipe.properties if n.recipe is not None else dict(n.arguments)
-                ),
-                "tags": list(self._definition.tags_of(n.key)),
-            }
-            for n in self._nodes.values()
-        ]
+        are the nodes' and the keys their Functions' results are stored under. ``tags``:
+        ``Definition.all_tags()``, if the caller has it already."""
+        tags = self._definition.all_tags() if tags is None else tags
+        result_keys = list(result_keys)
         calls = [{"function": c.function.name, "node": c.promise.key.hex} for c in self._calls]
         state_class = class_path(self.state_class) if self.state_class is not None else None
         properties = list(self.state_class.PROPERTIES) if self.state_class is not None else []
-        document = {
-            "state_class": state_class,
-            "state_properties": properties,
-            "nodes": nodes,
-            "calls": calls,
-        }
-        add_record(
-            self.store, self.name, "def", dict.fromkeys([*self._nodes, *result_keys]), document
-        )
+
+        def document() -> dict[str, Any]:
+            nodes = [
+                {
+                    "key": n.key.hex,
+                    "parent": n.parent.hex if n.parent is not None else None,
+                    "label": n.label,
+                    "recipe": type(n.recipe).__name__ if n.recipe is not None else None,
+                    "properties": plain_or_repr(
+                        n.recipe.properties if n.recipe is not None else dict(n.arguments)
+                    ),
+                    "tags": list(tags[n.key]),
+                }
+                for n in self._nodes.values()
+            ]
+            return {
+                "state_class": state_class,
+                "state_properties": properties,
+                "nodes": nodes,
+                "calls": calls,
+            }
+
+        # A node's label, recipe and properties follow from its key; what else can differ
+        # between two definitions is hashed, so that a re-run of the same tree adds nothing.
+        identity = blake3(
+            msgpack.packb(
+                [
+                    state_class,
+                    properties,
+                    [(k.hex, tags[k]) for k in self._nodes],
+                    calls,
+                    [k.hex for k in result_keys],
+                ]
+            )
+        ).hexdigest()
+        add_record_once(
+            self.store, self.name, "def", identity,
+            lambda: dict.fromkeys([*self._nodes, *result_keys]), document,
+        )  # fmt: skip
 
     def _record_run(self, report: RunReport, outcomes: Mapping[ds.NodeKey, Outcome]) -> None:
         """What ran, per computed node its seconds and finish time, and per Function result

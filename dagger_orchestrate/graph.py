@@ -7,11 +7,14 @@ Order is deterministic: depth-first from the roots, children in the order they w
 from __future__ import annotations
 
 import fnmatch
+import gc
 import importlib
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, overload
 
 import dagger_store as ds
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
     import graphviz
     import pandas as pd
     from matplotlib.figure import Figure
+
+_GLOB_CHARS = re.compile(r"[*?[]")  # what fnmatch reads as a pattern; anything else is literal
 
 
 class GraphNode:
@@ -74,25 +79,37 @@ class GraphNode:
 
 
 class NodeSet(Sequence[GraphNode]):
-    """An ordered set of nodes: ``filter``, ``&``, ``|``, ``-``, ``len``, indexing."""
+    """An ordered set of nodes: ``filter``, ``&``, ``|``, ``-``, ``len``, indexing.
+
+    Held as a set of the graph's nodes, put in graph order only when read in order: filters and
+    set operations are set algebra, never a pass over the whole graph.
+    """
 
     def __init__(self, graph: Graph, nodes: Iterable[GraphNode]) -> None:
-        wanted = {n.key for n in nodes}
         self._graph = graph
-        self._nodes = tuple(n for n in graph._order if n.key in wanted)
+        self._members = graph._own(nodes)
+        self._ordered: tuple[GraphNode, ...] | None = None
+
+    @classmethod
+    def _of(cls, graph: Graph, members: frozenset[GraphNode]) -> NodeSet:
+        """The NodeSet of ``members``, already nodes of ``graph`` (no matching by key)."""
+        nodes = cls.__new__(cls)
+        nodes._graph, nodes._members, nodes._ordered = graph, members, None
+        return nodes
+
+    @property
+    def _nodes(self) -> tuple[GraphNode, ...]:
+        if self._ordered is None:
+            self._ordered = tuple(n for n in self._graph._order if n in self._members)
+        return self._ordered
 
     def filter(self, *patterns: str) -> NodeSet:
         """Nodes with a tag matching every glob pattern; ``"!pat"``: with no tag matching it."""
-
-        def keep(node: GraphNode) -> bool:
-            for pattern in patterns:
-                negate = pattern.startswith("!")
-                hit = any(fnmatch.fnmatchcase(t, pattern.lstrip("!")) for t in node.tags)
-                if hit == negate:
-                    return False
-            return True
-
-        return NodeSet(self._graph, (n for n in self._nodes if keep(n)))
+        members = self._members
+        for pattern in patterns:
+            hits = self._graph._tagged(pattern.lstrip("!"))
+            members = members - hits if pattern.startswith("!") else members & hits
+        return NodeSet._of(self._graph, members)
 
     def _check(self, other: object) -> NodeSet:
         if not isinstance(other, NodeSet) or other._graph is not self._graph:
@@ -100,18 +117,19 @@ class NodeSet(Sequence[GraphNode]):
         return other
 
     def __and__(self, other: object) -> NodeSet:
-        keys = {n.key for n in self._check(other)}
-        return NodeSet(self._graph, (n for n in self._nodes if n.key in keys))
+        return NodeSet._of(self._graph, self._members & self._check(other)._members)
 
     def __or__(self, other: object) -> NodeSet:
-        return NodeSet(self._graph, (*self._nodes, *self._check(other)._nodes))
+        return NodeSet._of(self._graph, self._members | self._check(other)._members)
 
     def __sub__(self, other: object) -> NodeSet:
-        keys = {n.key for n in self._check(other)}
-        return NodeSet(self._graph, (n for n in self._nodes if n.key not in keys))
+        return NodeSet._of(self._graph, self._members - self._check(other)._members)
 
     def __len__(self) -> int:
-        return len(self._nodes)
+        return len(self._members)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._members
 
     @overload
     def __getitem__(self, index: int) -> GraphNode: ...
@@ -119,7 +137,7 @@ class NodeSet(Sequence[GraphNode]):
     def __getitem__(self, index: slice) -> NodeSet: ...
     def __getitem__(self, index: int | slice) -> GraphNode | NodeSet:
         if isinstance(index, slice):
-            return NodeSet(self._graph, self._nodes[index])
+            return NodeSet._of(self._graph, frozenset(self._nodes[index]))
         return self._nodes[index]
 
     def __iter__(self) -> Iterator[GraphNode]:
@@ -155,7 +173,7 @@ class NodeSet(Sequence[GraphNode]):
 
 
 class Graph:
-    """The tree(s) of an experiment."""
+    """The tree(s) of an experiment. Read-only once built: filters index the nodes' tags."""
 
     def __init__(
         self,
@@ -171,6 +189,8 @@ class Graph:
         self.strict = strict  # a bad record raises (else it is skipped with a RecordWarning)
         self._by_key: dict[ds.NodeKey, GraphNode] = {}
         self._order: list[GraphNode] = []
+        self._all: frozenset[GraphNode] | None = None  # built on first use, as is _by_tag
+        self._by_tag: dict[str, frozenset[GraphNode]] | None = None
 
     @classmethod
     def from_records(
@@ -181,33 +201,77 @@ class Graph:
         *,
         strict: bool = False,
     ) -> Graph:
-        definitions = read_records(store, experiment, "def", strict=strict)
-        if state_class is None:
-            state_class = _recorded_state_class(store, definitions)
-        graph = cls(store, state_class, experiment, strict=strict)
-        parents: dict[ds.NodeKey, ds.NodeKey | None] = {}
-        tags: dict[ds.NodeKey, set[str]] = {}
+        with _collection_paused():
+            definitions = read_records(store, experiment, "def", strict=strict)
+            if state_class is None:
+                state_class = _recorded_state_class(store, definitions)
+            graph = cls(store, state_class, experiment, strict=strict)
+            graph._link(definitions)
+        return graph
+
+    def _link(self, definitions: list[dict[str, Any]]) -> None:
+        """The nodes of every definition (a node's first entry wins; its tags are the union of
+        all of its entries), linked to their parents, in graph order."""
+        # Keyed by hex while building: a str caches its hash, a NodeKey hashes in Python, and a
+        # re-run's definition repeats every node.
+        nodes: dict[str, GraphNode] = {}
+        parents: dict[str, str | None] = {}
+        # One frozenset per distinct set of tags (a sweep's siblings share theirs): fewer objects.
+        tag_sets: dict[frozenset[str], frozenset[str]] = {}
         for definition in definitions:
             for entry in definition["nodes"]:
-                key = ds.NodeKey(entry["key"])
-                if key not in graph._by_key:
-                    graph._by_key[key] = GraphNode(
-                        graph, key, entry["label"], entry["recipe"], entry["properties"]
+                key = entry["key"]
+                node = nodes.get(key)
+                if node is None:
+                    node = nodes[key] = GraphNode(
+                        self, ds.NodeKey(key), entry["label"], entry["recipe"], entry["properties"]
                     )
-                    parents[key] = ds.NodeKey(entry["parent"]) if entry["parent"] else None
-                tags.setdefault(key, set()).update(entry["tags"])
-        for key, node in graph._by_key.items():
-            node.tags = frozenset(tags[key])
+                    parents[key] = entry["parent"] or None
+                elif node.tags.issuperset(entry["tags"]):
+                    continue
+                tags = node.tags.union(entry["tags"])
+                node.tags = tag_sets.setdefault(tags, tags)
+        for key, node in nodes.items():
             parent = parents[key]
-            if parent is not None and parent in graph._by_key:
-                node.parent = graph._by_key[parent]
+            if parent in nodes:
+                node.parent = nodes[parent]
                 node.parent.children.append(node)
-        graph._order = [n for root in graph.roots for n in _preorder(root)]
-        return graph
+            elif parent is not None:
+                ds.NodeKey(parent)  # a parent not in the records is dropped, a malformed one raises
+        self._by_key = {node.key: node for node in nodes.values()}
+        self._order = [n for root in self.roots for n in _preorder(root)]
 
     @property
     def nodes(self) -> NodeSet:
-        return NodeSet(self, self._order)
+        if self._all is None:
+            self._all = frozenset(self._order)
+        return NodeSet._of(self, self._all)
+
+    def _own(self, nodes: Iterable[GraphNode]) -> frozenset[GraphNode]:
+        """This graph's nodes among ``nodes``: a node of another Graph counts by its key."""
+        found: set[GraphNode] = set()
+        for node in nodes:
+            mine = node if node.graph is self else self._by_key.get(node.key)
+            if mine is not None:
+                found.add(mine)
+        return frozenset(found)
+
+    def _tagged(self, pattern: str) -> frozenset[GraphNode]:
+        """The nodes with a tag matching the glob ``pattern``.
+
+        Matched against the distinct tags, not the nodes: a sweep has far fewer tags than nodes.
+        """
+        if self._by_tag is None:
+            by_tag: dict[str, set[GraphNode]] = {}
+            for node in self._order:
+                for tag in node.tags:
+                    by_tag.setdefault(tag, set()).add(node)
+            self._by_tag = {tag: frozenset(found) for tag, found in by_tag.items()}
+        if not _GLOB_CHARS.search(pattern):  # a plain tag (fnmatch would compare it whole)
+            return self._by_tag.get(pattern, frozenset())
+        return frozenset().union(
+            *(found for tag, found in self._by_tag.items() if fnmatch.fnmatchcase(tag, pattern))
+        )
 
     @property
     def roots(self) -> tuple[GraphNode, ...]:
@@ -339,6 +403,23 @@ class Graph:
             stem, ext = os.path.splitext(path)
             dot.render(stem, format=ext.lstrip(".") or "svg", cleanup=True)
         return dot
+
+
+@contextmanager
+def _collection_paused() -> Iterator[None]:
+    """The garbage collector paused, then back as it was.
+
+    Reading and linking a graph allocates several containers a node and frees none: every
+    automatic collection that triggers finds nothing to free, yet rescans the whole heap (with a
+    big experiment loaded, most of a slim restore's time).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _preorder(root: GraphNode) -> Iterator[GraphNode]:

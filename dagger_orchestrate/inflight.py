@@ -83,6 +83,13 @@ class Keeper:
         with self._lock:
             self._held[lease.key] = lease
 
+    def take(self, key: ds.NodeKey) -> None:
+        """Acquire the lease on ``key`` and hold it, unless another run holds it (advice: the
+        caller computes anyway, and the commit decides)."""
+        lease = leases.acquire(self._store, key, self._terms.owner, self._terms.seconds)
+        if lease is not None:
+            self.hold(lease)
+
     def release(self, keys: list[ds.NodeKey]) -> None:
         with self._lock:
             gone = [lease for key in keys if (lease := self._held.pop(key, None)) is not None]

@@ -10,9 +10,10 @@ where it paid two fsyncs per object; an S3 store sends a group's requests side b
 
 A child computed meanwhile reads its parent's state from the staged objects
 (``Store.reading``), through the same decoding as from storage, so it sees exactly what a
-process reading the store would see. An object stays in memory while it is not yet written,
-or while a node that names it has reads to come (its children and Function calls in the plan);
-then it is dropped, and read from the store if it is needed again.
+process reading the store would see. A node's manifest is kept while it has readers to come
+(its children and Function calls in the plan); its objects only until they are written, then
+they are read from the store (the page cache, mostly). Memory stays within about three states:
+the one computing, the staged objects of its parent, those being written (``PENDING_BYTES``).
 
 Order and failures: groups are written in submission order, and a node is submitted after its
 parent. A node whose parent this run failed to write is not written (Skipped). A group that
@@ -32,17 +33,22 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import dagger_store as ds
 from dagger_orchestrate.inflight import Keeper, LeaseTerms
 from dagger_orchestrate.outcomes import Done, Failed, Skipped, portable
 from dagger_orchestrate.plan import NodeSpec
-from dagger_store.leases import Lease
+from dagger_store.backends.base import Buffer
 
 # How long the writer lets submissions gather before it writes them as one group.
 GATHER_SECONDS = 0.02
+# Bytes staged and not yet written that a submission may add to before it waits for the
+# writer; one node larger than this waits until nothing else is pending. Memory then stays
+# within about three states (the one computing, its parent held for reading, one being
+# written), and computing never runs more than one large node ahead of the disk.
+PENDING_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,10 +58,9 @@ class Staged:
 
     node: NodeSpec
     manifest: ds.Manifest
-    objects: Mapping[str, bytes]
+    objects: Mapping[str, Buffer]
     named: frozenset[str]
     seconds: float
-    lease: Lease | None = None
     replaces: int | None = None
 
 
@@ -70,13 +75,14 @@ class WriteBehind:
         # Blob keys staged by this run, written or queued: a later stage does not encode them.
         self.known: set[str] = set()
         self._written: set[str] = set()
-        self._memory: dict[str, bytes] = {}
-        self._refs: Counter[str] = Counter()
-        self._held: dict[ds.NodeKey, tuple[ds.Manifest, list[str]]] = {}
+        self._memory: dict[str, Buffer] = {}
+        self._held: dict[ds.NodeKey, ds.Manifest] = {}
         self._readers = Counter(readers)
         self._queue: list[Staged] = []
         self._submitted: set[ds.NodeKey] = set()
         self._waiting = 0  # tasks waiting in ``written``: the writer does not linger then
+        self._pending = 0  # bytes submitted and not yet written
+        self._lease_after: dict[ds.NodeKey, list[ds.NodeKey]] = {}  # parent -> children
         self._closing = False
         self._lock = threading.Condition()
         self._outcomes: dict[ds.NodeKey, Done | Failed | Skipped] = {}
@@ -86,27 +92,52 @@ class WriteBehind:
 
     # -- the computing side ----------------------------------------------------------------
 
-    def parent(self, key: ds.NodeKey) -> tuple[ds.Manifest, Mapping[str, bytes]] | None:
+    def parent(self, key: ds.NodeKey) -> tuple[ds.Manifest, Mapping[str, Buffer]] | None:
         """The manifest of ``key`` and the objects to read its state from (``Store.reading``),
         if this run staged it and holds it for its readers; call ``read`` once read."""
         with self._lock:
             held = self._held.get(key)
-        return None if held is None else (held[0], self._memory)
+        return None if held is None else (held, self._memory)
 
     def read(self, key: ds.NodeKey) -> None:
         """One of the readers of ``key`` has read it (or will not)."""
         with self._lock:
             self._readers[key] -= 1
-            if self._readers[key] <= 0 and key in self._held:
-                self._unref(self._held.pop(key)[1])
+            if self._readers[key] <= 0:
+                self._held.pop(key, None)
+
+    def lease_later(self, node: NodeSpec) -> bool:
+        """Whether the lease on ``node`` is left to the writer, which takes it right after it
+        has written the node's parent (True while this run is still writing the parent).
+
+        The node then computes from its parent's staged state straight away, and its lease
+        appears only once the parent is written: whoever sees the lease finds the parent
+        stored, and a crash before the parent is written loses what it would have lost in the
+        parent's own commit. Nobody else can be computing the node meanwhile: they would
+        first have to compute its parent, whose lease this run holds until it is written."""
+        assert node.parent is not None
+        with self._lock:
+            if node.parent not in self._submitted or node.parent in self._outcomes:
+                return False
+            self._lease_after.setdefault(node.parent, []).append(node.key)
+            return True
+
+    def forget(self, key: ds.NodeKey) -> None:
+        """``key``'s task failed: nothing of it will be submitted; let its lease go."""
+        with self._lock:
+            for children in self._lease_after.values():
+                if key in children:
+                    children.remove(key)
+            self._submitted.discard(key)
+        self.keeper.release([key])
+
+    def failed(self, key: ds.NodeKey | None) -> ds.NodeKey | None:
+        """If this run failed to write ``key`` (or skipped it): the node whose write failed."""
+        return None if key is None else self._failed.get(key)
 
     def written(self, key: ds.NodeKey) -> Done | Failed | Skipped | None:
         """Wait until ``key`` is written, if this run submitted it; how that went (None: not
-        this run's to write).
-
-        A node's recipe starts only once its parent is written: a crash while a long child
-        computes must not take the parent's work with it. Its siblings, its reading of the
-        parent and everything after it still overlap the writing."""
+        this run's to write)."""
         with self._lock:
             if key not in self._submitted:
                 return None
@@ -120,15 +151,17 @@ class WriteBehind:
 
     def submit(self, staged: Staged) -> None:
         key = staged.node.key
+        size = sum(len(data) for data in staged.objects.values())
         with self._lock:
+            self._lock.wait_for(
+                lambda: not self._pending or self._pending + size <= max(PENDING_BYTES, size)
+            )
+            self._pending += size
             self._submitted.add(key)
             for name, data in staged.objects.items():
-                self._memory.setdefault(name, data)
-            self._ref(staged.objects)  # the write's own hold, until it is written
+                self._memory.setdefault(name, data)  # until written
             if self._readers[key] > 0:
-                named = [name for name in staged.named if name in self._memory]
-                self._ref(named)
-                self._held[key] = (staged.manifest, named)
+                self._held[key] = staged.manifest
             self.known.update(staged.objects)
             self._queue.append(staged)
             self._lock.notify_all()
@@ -158,10 +191,28 @@ class WriteBehind:
             try:
                 self._write(group)
             finally:
-                self.keeper.release([s.node.key for s in group if s.lease is not None])
+                self._lease_children(group)  # before the parents' go: no gap between the two
+                self.keeper.release([s.node.key for s in group])
                 with self._lock:
                     for staged in group:
-                        self._unref(staged.objects)
+                        for name in staged.objects:
+                            self._memory.pop(name, None)
+                        self._pending -= sum(len(data) for data in staged.objects.values())
+                    self._lock.notify_all()
+
+    def _lease_children(self, group: list[Staged]) -> None:
+        """Take the leases ``lease_later`` left here, of the children of nodes just written
+        (not of those of nodes that failed, nor of children written already: in this group)."""
+        with self._lock:
+            children = [
+                child
+                for staged in group
+                for child in self._lease_after.pop(staged.node.key, [])
+                if isinstance(self._outcomes.get(staged.node.key), Done)
+                and child not in self._outcomes
+            ]
+        for child in children:
+            self.keeper.take(child)
 
     def _write(self, group: list[Staged]) -> None:
         alive = [s for s in group if not self._skipped(s)]
@@ -215,17 +266,6 @@ class WriteBehind:
         with self._lock:
             self._outcomes[outcome.key] = outcome
             self._lock.notify_all()
-
-    def _ref(self, names: Iterable[str]) -> None:
-        for name in names:  # (not Counter.update: it takes a mapping's values for counts)
-            self._refs[name] += 1
-
-    def _unref(self, names: Iterable[str]) -> None:
-        for name in names:
-            self._refs[name] -= 1
-            if self._refs[name] <= 0:
-                del self._refs[name]
-                self._memory.pop(name, None)
 
 
 _RUNS: dict[str, WriteBehind] = {}

@@ -81,6 +81,8 @@ class FaultProxy:
         self.requests: Counter[str] = Counter()  # by method, every request that arrived
         self.faults: Counter[str] = Counter()  # by kind, every fault injected
         self.forwarded = 0
+        self.in_flight = 0  # requests being forwarded now
+        self.peak_in_flight = 0  # the most at once since the proxy started (or was reset)
         self._seen: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
         self._rates: dict[str, float] = {}
@@ -161,6 +163,9 @@ class FaultProxy:
 
     def _forward(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> Any:
         connection = http.client.HTTPConnection(*self.upstream, timeout=60)
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
             for name, value in headers:
@@ -175,6 +180,8 @@ class FaultProxy:
             return response.status, response.reason, response.getheaders(), data
         finally:
             connection.close()
+            with self._lock:
+                self.in_flight -= 1
 
 
 class _Server(http.server.ThreadingHTTPServer):

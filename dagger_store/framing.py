@@ -26,7 +26,11 @@ MAGIC = b"DAGB"
 FRAME_VERSION = 1
 HEADER_SIZE = 8
 # A sample compressing to more than this fraction of its size is stored raw: not worth the CPU.
-WORTHWHILE_RATIO = 0.9
+# zstd runs at 100-500 MB/s on numeric data, about the speed of the disk whose writes it would
+# save; it earns its CPU where it at least halves the bytes (text, zeros, sparse or quantised
+# tensors), not on a dense or pruned float tensor's 5-35 % (measured: a 50 %-pruned float32
+# matrix compresses to 0.64 at 115 MB/s, level 3).
+WORTHWHILE_RATIO = 0.5
 _PROBE_BYTES = 64 * 1024
 _PROBES = 4
 

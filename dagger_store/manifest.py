@@ -40,6 +40,9 @@ SIGNED = 0x01  # flags bit 0
 SIGNATURE_SIZE = 32
 _HEADER = 8
 _CHECKSUM = 32
+# What ``_canonical`` lets through as is: exact types, as msgpack decodes them.
+_SCALARS = (bool, float, str, bytes)
+_STR = {str}
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +162,59 @@ class Manifest:
         try:
             doc = msgpack.unpackb(payload, raw=False, strict_map_key=True)
             blobs = {n: Digest(a, h, s) for n, (a, h, s) in doc["blobs"].items()}
-            return cls(blobs, doc["meta"])
+            meta = doc["meta"]
+            if _sorted_names(blobs) and _canonical(meta):
+                return cls._decoded(blobs, meta)
+            return cls(blobs, meta)
         except (ValueError, TypeError, KeyError) as exc:
             raise FormatError(f"manifest {key!r} is not a valid manifest: {exc}", key=key) from exc
+
+    @classmethod
+    def _decoded(cls, blobs: dict[str, Digest], meta: dict[str, Any]) -> Manifest:
+        """A manifest of freshly decoded values that are canonical already (``_canonical``):
+        what ``__post_init__`` would check, copy and sort is so, and nobody else holds them.
+
+        A warm run decodes a manifest per node; walking and copying every one's metadata in
+        Python cost more than reading it.
+        """
+        manifest = object.__new__(cls)
+        object.__setattr__(manifest, "blobs", MappingProxyType(blobs))
+        object.__setattr__(manifest, "meta", MappingProxyType(meta))
+        return manifest
+
+
+def _sorted_names(blobs: dict[str, Digest]) -> bool:
+    """Whether a manifest's entry names are non-empty str, sorted (as ``__post_init__`` makes
+    them)."""
+    if not blobs:  # the common case where every value is inline
+        return True
+    names = list(blobs)
+    return all(type(n) is str and n for n in names) and names == sorted(names)
+
+
+def _canonical(value: Any) -> bool:
+    """Whether ``value`` is a str-keyed dict that ``_plain`` would copy unchanged: its dicts'
+    keys str and sorted all the way down, its values plain data. Fast, no paths: on False,
+    ``_plain`` says what is wrong, or makes it canonical."""
+    if type(value) is not dict:
+        return False
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            keys = list(item)
+            if not set(map(type, keys)) <= _STR or keys != sorted(keys):
+                return False
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+        elif kind is int:
+            if not MIN_INT <= item <= MAX_INT:
+                return False
+        elif item is not None and kind not in _SCALARS:
+            return False
+    return True
 
 
 def _check_magic(magic: bytes) -> None:

@@ -48,10 +48,11 @@ Records are read concurrently, on the store's pool (on S3: one round of parallel
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import msgpack
@@ -83,6 +84,8 @@ __all__ = [
 
 MAGIC = b"DAGR"
 _WHAT = "record"
+_KEY_DIGITS = 64  # a node key's hex digits (HEX)
+_HEX_RUN = re.compile(f"(?:{HEX.pattern})*")  # node keys' hex digits, one after another
 
 
 class RecordWarning(UserWarning):
@@ -94,19 +97,49 @@ class RecordWarning(UserWarning):
 
 
 def add_record(
-    store: Store, experiment: str, kind: str, keys: Iterable[NodeKey], document: dict[str, Any]
+    store: Store,
+    experiment: str,
+    kind: str,
+    keys: Iterable[NodeKey],
+    document: dict[str, Any],
+    *,
+    token: str | None = None,
 ) -> str:
     """Append one record of ``kind`` to ``experiment``, referring to node ``keys``; its key.
 
-    Written in a verified frame, signed when the store has a lab key.
+    Written in a verified frame, signed when the store has a lab key. ``token``: the hex part
+    of its name after the time (default: random; ``add_record_once`` names it by content).
     """
     # Nanoseconds first, so names sort oldest first (to the clock's word) across machines.
-    key = record_key(experiment, kind, time.time_ns(), uuid.uuid4().hex)
+    key = record_key(experiment, kind, time.time_ns(), token or uuid.uuid4().hex)
     body = {**document, "keys": [k.hex for k in keys], "written": time.time()}
     payload = msgpack.packb(body, use_bin_type=True)
     frame = Frame(payload, store.signatures.sign_record(key, payload))
     store.backend.write_once(key, frame.encode(MAGIC))
     return key
+
+
+def add_record_once(
+    store: Store,
+    experiment: str,
+    kind: str,
+    identity: str,
+    keys: Callable[[], Iterable[NodeKey]],
+    document: Callable[[], dict[str, Any]],
+) -> str:
+    """``add_record`` unless ``experiment`` has a record of ``kind`` with the same ``identity``
+    (a hex digest the caller made of what makes two such records the same); the key of the
+    record written or found. ``keys`` and ``document`` are only called to write one.
+
+    A re-run of an unchanged experiment then adds nothing (before, every run added a full
+    definition, which every restore read again). One listing of the experiment's folder
+    decides; two writers of the same record at once both write it, harmlessly.
+    """
+    token = identity[:32]
+    for key in store.backend.iter_keys(experiment_prefix(experiment)):
+        if record_kind(key) == kind and key.rsplit("-", 1)[-1] == f"{token}.{kind}":
+            return key
+    return add_record(store, experiment, kind, keys(), document(), token=token)
 
 
 def read_records(
@@ -197,6 +230,15 @@ def _read(
     return store.map(one, keys)
 
 
+def _all_node_keys(names: list[Any]) -> bool:
+    """Whether every item is a node key's hex: one regex run over them all, joined (a definition
+    lists every node; a match per key took half as long as decoding the record)."""
+    return (
+        all(isinstance(h, str) and len(h) == _KEY_DIGITS for h in names)
+        and _HEX_RUN.fullmatch("".join(names)) is not None
+    )
+
+
 def _decode(data: bytes, key: str, signatures: Signatures | None, where: str) -> dict[str, Any]:
     """The record stored as ``data`` at ``key``, verified; its signature checked against
     ``signatures`` unless None. IntegrityError, FormatError or UntrustedError if unusable."""
@@ -217,9 +259,7 @@ def _decode(data: bytes, key: str, signatures: Signatures | None, where: str) ->
             key=key,
         ) from exc
     names = record.get("keys") if isinstance(record, dict) else None
-    if not isinstance(names, list) or not all(
-        isinstance(h, str) and HEX.fullmatch(h) for h in names
-    ):
+    if not isinstance(names, list) or not _all_node_keys(names):
         raise IntegrityError(
             f"record {key!r}{old} is not a record (a map listing node keys under 'keys'): corrupt",
             key=key,

@@ -22,6 +22,8 @@ from collections.abc import Container, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from dagger_store.backends.base import Buffer
+
 
 @dataclass(slots=True)
 class Stage:
@@ -33,9 +35,11 @@ class Stage:
     """
 
     known: Container[str] = frozenset()
-    objects: dict[str, bytes] = field(default_factory=dict)
+    objects: dict[str, Buffer] = field(default_factory=dict)
     named: set[str] = field(default_factory=set)
 
 
 stage_var: ContextVar[Stage | None] = ContextVar("dagger_store_stage", default=None)
-memory_var: ContextVar[Mapping[str, bytes] | None] = ContextVar("dagger_store_memory", default=None)
+memory_var: ContextVar[Mapping[str, Buffer] | None] = ContextVar(
+    "dagger_store_memory", default=None
+)

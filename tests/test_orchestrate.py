@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import os
 import shutil
@@ -235,10 +236,12 @@ def test_attributes_use_the_cheapest_faithful_codec(tmp_path: Path) -> None:
         "data": "ndarray", "model": "tree", "history": "msgpack",
         "dataset_name": "msgpack", "seed": "msgpack",
     }  # fmt: skip
-    # The model's two matrices are blobs of their own; the structure around them is msgpack.
+    # The model's two matrices are blobs of their own; the structure around them is msgpack,
+    # small enough to be kept in the manifest itself.
     assert len(manifest.meta["attributes"]["model"]["arrays"]) == 2
     assert manifest.blobs["model#0"].size == 64 * 32 * 4
-    assert manifest.blobs["model"].size < 100
+    assert "model" not in manifest.blobs
+    assert len(manifest.meta["attributes"]["model"]["inline"]) < 100
 
 
 def test_objects_are_pickled_with_their_arrays_out_of_band(tmp_path: Path) -> None:
@@ -486,6 +489,42 @@ def test_slim_restore_filters_and_sets(finished: tuple[Path, dict[str, Any]]) ->
     assert isinstance(restored, State)
     assert restored.history == ["train lr=0.1", "prune 0.5"]
     assert restored.tags == ("lr:0.1", "pruned")
+
+
+def test_filters_through_the_tag_index_match_each_node_by_glob(tmp_path: Path) -> None:
+    """Filters look tags up in an index (globs matched against the distinct tags): the same
+    nodes, in graph order, as matching every node's tags one by one."""
+    exp = dg.Experiment(tmp_path / "exp", state_class=State)
+    pruning_tree(exp, lrs=(0.01, 0.1, 0.3))
+    exp.run()
+    graph = dg.Experiment.restore(tmp_path / "exp").graph
+
+    def scanned(*patterns: str) -> list[ds.NodeKey]:
+        def keep(tags: frozenset[str], pattern: str) -> bool:
+            hit = any(fnmatch.fnmatchcase(t, pattern.lstrip("!")) for t in tags)
+            return hit != pattern.startswith("!")
+
+        return [n.key for n in graph.nodes if all(keep(n.tags, p) for p in patterns)]
+
+    cases = [
+        ("pruned",), ("lr:0.1",), ("lr:*",), ("lr:0.[03]*",), ("?runed",), ("lr:0.1", "pruned"),
+        ("!pruned",), ("lr:*", "!pruned"), ("!lr:*",), ("[",), ("lr:0.1*", "!lr:0.1"), (),
+    ]  # fmt: skip
+    for patterns in cases:
+        assert [n.key for n in graph.nodes.filter(*patterns)] == scanned(*patterns), patterns
+    assert len(graph.nodes.filter("lr:*")) == 6 and len(graph.nodes.filter("lr:0.3")) == 2
+    # A filter of a filter, and set operations, stay within their operands, in graph order.
+    lr = graph.nodes.filter("lr:*")
+    assert [n.key for n in lr.filter("!pruned")] == scanned("lr:*", "!pruned")
+    assert [n.key for n in lr - lr.filter("pruned")] == scanned("lr:*", "!pruned")
+    assert list(lr.filter("pruned") | graph.nodes.filter("!lr:*")) == [
+        n for n in graph.nodes if "pruned" in n.tags or not n.tags
+    ]
+    # A NodeSet of nodes from another Graph of the experiment holds this graph's nodes (by key).
+    other = dg.Experiment.restore(tmp_path / "exp").graph.nodes.filter("pruned")
+    mine = dg.NodeSet(graph, reversed(list(other)))
+    assert list(mine) == list(graph.nodes.filter("pruned")) and other[0] not in mine
+    assert mine[0:2].filter("lr:0.01")[0].graph is graph
 
 
 def test_graph_navigation(finished: tuple[Path, dict[str, Any]]) -> None:

@@ -4,6 +4,9 @@
 fsyncs it, then ``os.link``s it to its final name. ``link`` fails if the name exists, atomically,
 on local file systems and on NFS alike; fsspec's ``mode="create"`` is check-then-write and races.
 A writer killed at any point leaves at most an orphan in ``.tmp/``, never a partial value.
+``write_once_many`` does the same for a group with one flush of the file system (``syncfs``)
+before the links and one after, where each object alone pays an fsync of its file and one of
+its folder: the difference between ~1 ms and ~0.01 ms an object for a run of tiny nodes.
 
 For garbage collection: a key's modification time is its file's mtime (set by the file server
 on NFS). ``touch`` is ``os.utime``; objects are read-only, so only their owner may set their
@@ -93,10 +96,15 @@ class LocalBackend:
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def _name(self, key: str) -> str:
+        # A plain str where many keys are asked about: building a Path costs more than the
+        # system call (a warm run asks about every manifest of its tree).
+        return f"{self.root}{os.sep}{check_key(key)}"
+
     def read(self, key: str) -> bytes:
-        path = self._path(key)
-        with self._translated(key):
-            return path.read_bytes()
+        name = self._name(key)
+        with self._translated(key), open(name, "rb", buffering=0) as f:
+            return f.readall()
 
     def read_into(self, key: str, offset: int, out: memoryview) -> int:
         path = self._path(key)
@@ -192,7 +200,7 @@ class LocalBackend:
         return tmp
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
-        return [self._path(key).exists() for key in keys]
+        return [_exists(self._name(key)) for key in keys]
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         if prefix:
@@ -321,6 +329,15 @@ def _write_all(fd: int, data: memoryview) -> None:
     while data:
         n = os.write(fd, data)
         data = data[n:]
+
+
+def _exists(name: str) -> bool:
+    # Path.exists, for a str: absent is False, any other failure (permission) is raised.
+    try:
+        os.stat(name)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
 
 
 def _linked(tmp: str, path: Path) -> bool:

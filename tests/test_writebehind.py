@@ -1,0 +1,213 @@
+"""Write-behind (dagger_orchestrate/writebehind.py): what a run computed in its own process is
+written in groups while the next nodes compute, and children read their parents from memory.
+
+What a person relies on: a child computed from its parent in memory sees exactly what it would
+see had the parent been read from the store; what is staged is written as a plain put writes
+it; a node whose write fails fails, with its descendants skipped and nothing partial stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import dagger_orchestrate as dg
+import dagger_store as ds
+from dagger_store.backends.base import Buffer
+from dagger_store.backends.memory import MemoryBackend
+from dagger_store.framing import Framing, read_header
+
+
+class Rich(dg.ExperimentState):
+    """Attributes whose layout a careless hand-off would change."""
+
+    PROPERTIES = ["seed"]
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        rng = np.random.default_rng(self.seed)
+        self.big = rng.standard_normal(3 * 2**20)  # 24 MB: chunked, staged in mapped memory
+        self.shared = rng.standard_normal(1000)
+        self.alias = self.shared  # the same array twice: stored twice, loaded as two
+        self.fortran = np.asfortranarray(rng.standard_normal((300, 40)))
+        self.frozen = np.arange(5000.0)
+        self.frozen.flags.writeable = False
+        self.pair = (np.arange(3), "label")
+        self.zeros = np.zeros(2**18)  # 2 MB that compress to nothing
+
+
+class Observe(dg.Recipe):
+    """Records what it finds in its parent's state, then changes the state a little."""
+
+    PROPERTIES = ["step"]
+
+    def run(self, state: dg.ExperimentState) -> dg.ExperimentState:
+        s: Any = state
+        s.seen = {
+            "alias_is_shared": s.alias is s.shared,
+            "fortran": bool(s.fortran.flags.f_contiguous),
+            "writeable": bool(s.frozen.flags.writeable),
+            "pair": type(s.pair).__name__,
+            "big_sum": float(s.big.sum()),
+        }
+        s.shared += self.step  # in place: through `alias` too only if they are one array
+        s.big[:10] = self.step
+        return state
+
+
+def _tree(exp: dg.Experiment) -> Any:
+    return Observe(step=2)(Observe(step=1)(exp.spawn_new_tree(seed=3)))
+
+
+def _stored(exp: dg.Experiment, key: ds.NodeKey) -> dict[str, Any]:
+    state = exp.graph.node(key).restore()
+    return {name: getattr(state, name) for name in vars(state) if not name.startswith("_")}
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        x, y = a[name], b[name]
+        if isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), name
+        elif isinstance(x, tuple):
+            assert np.array_equal(x[0], y[0]) and x[1:] == y[1:], name
+        else:
+            assert x == y, name
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_a_child_computed_from_memory_matches_one_computed_from_the_store(
+    tmp_path: Path, scheduler: str
+) -> None:
+    # One run computes the whole chain, its children reading their parents from memory.
+    together = dg.Experiment(tmp_path / "together", state_class=Rich)
+    leaf = _tree(together)
+    assert len(together.run(scheduler, progress=False).executed) == 3
+    # Here every node is computed in a run of its own, reading its parent from the store.
+    apart = dg.Experiment(tmp_path / "apart", state_class=Rich)
+    node = apart.spawn_new_tree(seed=3)
+    for step in (1, 2):
+        apart.run(scheduler, progress=False)
+        node = Observe(step=step)(node)
+    apart.run(scheduler, progress=False)
+    assert node.key == leaf.key
+    for key in (leaf.key, leaf.node.parent):
+        assert key is not None
+        _same(_stored(together, key), _stored(apart, key))
+    seen = _stored(together, leaf.key)["seen"]
+    assert seen == {**seen, "alias_is_shared": False, "fortran": False, "writeable": True}
+    assert seen["pair"] == "tuple"
+
+
+def test_staged_blobs_are_written_as_a_put_writes_them(tmp_path: Path) -> None:
+    exp = dg.Experiment(tmp_path / "exp", state_class=Rich)
+    root = exp.spawn_new_tree(seed=3)
+    exp.run(progress=False)
+    manifest = exp.store.get_manifest(root.key)
+    backend = exp.store.backend
+
+    def framing_of(name: str) -> Framing:
+        digest = manifest.blobs[name]
+        return read_header(backend.read(f"v1/blobs/{digest.hex[:2]}/{digest.hex}")[:8], name)
+
+    assert framing_of("zeros") is Framing.ZSTD  # compressed where it pays
+    assert framing_of("shared") is Framing.RAW
+    assert framing_of("big") is Framing.INDEX
+    assert exp.store.verify().problems == ()
+    # Values small enough live in the manifest itself: no blob of their own.
+    assert "inline" in manifest.meta["attributes"]["seed"] and "seed" not in manifest.blobs
+
+
+# -- a store whose blob writes fail on demand --------------------------------------------------
+
+
+class Flaky(MemoryBackend):
+    failing = False
+
+    def write_once(self, key: str, *parts: Buffer) -> bool:
+        if self.failing and key.startswith("v1/blobs/"):
+            raise ds.BackendError(f"injected: no space left for {key}", key=key)
+        return super().write_once(key, *parts)
+
+
+_FLAKY: dict[str, Flaky] = {}
+
+
+def _open_flaky(url: str, storage_options: Mapping[str, Any]) -> Flaky:
+    return _FLAKY.setdefault(url, Flaky(url))
+
+
+def test_a_node_whose_write_fails_fails_alone_and_its_descendants_are_skipped(
+    tmp_path: Path,
+) -> None:
+    ds.register_backend("flakytest", _open_flaky)
+    url = "flakytest://wb"
+    exp = dg.Experiment(tmp_path / "exp", state_class=Rich, store=url)
+    leaf = _tree(exp)
+    _FLAKY[url].failing = True
+    with pytest.raises(dg.RunError, match="injected: no space left") as caught:
+        exp.run(progress=False)
+    report = caught.value.report
+    root_key = leaf.node.parent
+    assert root_key is not None
+    assert len(report.failed) == 1 and len(report.skipped) == 2 and not report.executed
+    assert exp.store.has_manifests([leaf.key]) == [False]
+    # Space again: the next run computes and writes everything.
+    _FLAKY[url].failing = False
+    assert len(exp.run(progress=False).executed) == 3
+    assert exp.store.verify().problems == ()
+
+
+# -- S3: requests per node ---------------------------------------------------------------------
+
+
+class Tiny(dg.ExperimentState):
+    PROPERTIES = ["seed"]
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        self.value = np.zeros(128)  # 1 KB: inline in the manifest
+
+
+class Step(dg.Recipe):
+    PROPERTIES = ["i"]
+
+    def run(self, state: dg.ExperimentState) -> dg.ExperimentState:
+        state.value = state.value + self.i  # type: ignore[attr-defined]
+        return state
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_a_tiny_node_costs_a_few_s3_requests_and_they_overlap(
+    tmp_path: Path,
+    fault_proxy: Any,
+    proxy_storage_options: dict[str, Any],
+    s3_url: str,
+    scheduler: str,
+) -> None:
+    exp = dg.Experiment(
+        tmp_path / "exp", state_class=Tiny, store=s3_url, storage_options=proxy_storage_options
+    )
+    root = exp.spawn_new_tree(seed=0)
+    for i in range(10):
+        trained = Step(i=i)(root)
+        for j in range(9):
+            Step(i=100 + j)(trained)
+    exp.run(scheduler, progress=False)  # the root, so that the rest is a sweep of 100 nodes
+    before = fault_proxy.forwarded
+    fault_proxy.peak_in_flight = 0
+    for i in range(10, 20):
+        trained = Step(i=i)(root)
+        for j in range(9):
+            Step(i=100 + j)(trained)
+    report = exp.run(scheduler, progress=False)
+    assert len(report.executed) == 100
+    # Before write-behind, 15 a node: lease listing, lease, existence, parent manifest, blobs,
+    # their existence again, manifest, lease listing, lease deletion... Now at most the lease,
+    # one existence question and the manifest, and the run's records.
+    assert fault_proxy.forwarded - before <= 5 * 100
+    assert fault_proxy.peak_in_flight > 1  # a group's requests go side by side
+    assert exp.run(scheduler, progress=False).executed == ()
