@@ -673,7 +673,8 @@ def _stale(
         if recorded.get("source") and source and recorded["source"] != source:
             changed.append("its source")
         before = recorded.get("helpers")
-        if isinstance(before, dict):  # manifests written before helpers were recorded: unknown
+        # (Not a dict: written before helpers were recorded, so unknown.)
+        if isinstance(before, dict) and before != helpers:
             names = sorted(
                 n
                 for n in set(before) | set(helpers)

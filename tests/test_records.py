@@ -119,6 +119,30 @@ def test_an_experiment_keeps_its_name_and_store(
         dg.Experiment(tmp_path / "exp", state_class=State, name="other")
 
 
+def test_a_rerun_of_the_same_tree_records_its_definition_once(tmp_path: Path) -> None:
+    def define(lrs: tuple[float, ...]) -> dg.Experiment:
+        exp = dg.Experiment(tmp_path / "exp", state_class=State)
+        root = exp.spawn_new_tree(dataset_name="digits", seed=0)
+        for lr in lrs:
+            with exp.tag(f"lr:{lr}"):
+                Train(lr=lr, nb_epochs=1)(root)
+        return exp
+
+    define((0.1,)).run()
+    define((0.1,)).run()  # the same tree: its definition is recorded already
+    exp = define((0.1,))
+    assert len(record_paths(exp.store, exp.name, ".def")) == 1
+    assert len(record_paths(exp.store, exp.name, ".run")) == 2  # what ran is still recorded
+    define((0.1, 0.2)).run()  # a new node: a new definition
+    exp = define((0.1, 0.2))
+    with exp.tag("again"):  # another tag is another definition too
+        Train(lr=0.1, nb_epochs=1)(exp.spawn_new_tree(dataset_name="digits", seed=0))
+    exp.run()
+    assert len(record_paths(exp.store, exp.name, ".def")) == 3
+    graph = dg.Experiment.restore(tmp_path / "exp").graph
+    assert len(graph) == 3 and len(graph.nodes.filter("again")) == 2  # the root and lr 0.1
+
+
 # -- records are verified ------------------------------------------------------------------------
 
 LAB_KEY = "a-lab-key-of-at-least-16-bytes"

@@ -269,6 +269,37 @@ def test_manifest_encoding_is_canonical() -> None:
     assert ds.Manifest.decode(one.encode(), key="k") == one
 
 
+def test_decoding_keeps_what_another_writer_stored_and_refuses_what_is_not_plain() -> None:
+    a = blob_digest(b"a")
+    ours = ds.Manifest({"x": a}, {"b": {"d": 1, "c": [2.5, None]}, "a": b"raw"})
+    decoded = ds.Manifest.from_payload(ours.payload(), key="k")
+    assert decoded == ours and decoded.payload() == ours.payload()
+    # Unsorted metadata (another writer's): read, and sorted as if made here.
+    theirs = msgpack.packb({"blobs": {}, "meta": {"b": 1, "a": 2}}, use_bin_type=True)
+    for trusted in (False, True):
+        read = ds.Manifest.from_payload(theirs, key="k", trusted=trusted)
+        assert dict(read.meta) == {"a": 2, "b": 1}
+    assert list(ds.Manifest.from_payload(theirs, key="k").meta) == ["a", "b"]
+    # Not plain data: refused as a FormatError where writers are not all trusted.
+    for meta in ({b"bytes key": 1}, {"x": msgpack.ExtType(5, b"")}):
+        bad = msgpack.packb({"blobs": {}, "meta": meta}, use_bin_type=True)
+        with pytest.raises(ds.FormatError, match="not a valid manifest"):
+            ds.Manifest.from_payload(bad, key="k")
+
+
+def test_a_superseded_corrupt_generation_does_not_stop_a_read(tmp_path: Path) -> None:
+    with ds.open_store(tmp_path / "s") as store:
+        key = ds.node_key("state", {"n": 1})
+        first = ds.Manifest({"v": store.put(b"old")})
+        store.commit(key, first)
+        newer = ds.Manifest({"v": store.put(b"new")})
+        assert store.commit(key, newer, replaces=0).generation == 1
+        path = tmp_path / "s" / f"v1/manifests/{key.hex[:2]}/{key.hex}"
+        path.chmod(0o644)
+        path.write_bytes(b"DAGM" + bytes(60))  # generation 0 now fails its checksum
+        assert store.manifests([key]) == {key: newer}
+
+
 @pytest.mark.parametrize("value", ["text", 42, None, 1.5, [1, 2]])
 def test_put_refuses_what_is_not_bytes(store: ds.Store, value: object) -> None:
     with pytest.raises(TypeError, match="bytes"):
