@@ -166,7 +166,8 @@ class Manifest:
         """
         try:
             doc = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-            blobs = {n: Digest(a, h, s) for n, (a, h, s) in doc["blobs"].items()}
+            named = doc["blobs"]
+            blobs = {n: Digest(a, h, s) for n, (a, h, s) in named.items()} if named else {}
             meta = doc["meta"]
             if type(meta) is dict and _sorted_names(blobs) and (trusted or _canonical(meta)):
                 return cls._decoded(blobs, meta)

@@ -42,20 +42,19 @@ Buffer = bytes | bytearray | memoryview
 _REWRITES = 8
 
 # A segment may not start with "." so that backends can keep private files (".tmp/") beside keys.
-_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9._-]*"
+_KEY = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")  # one match per key: checked on every call
 
 
 def check_key(key: str) -> str:
     """Return ``key`` if it is a valid backend key, else raise InvalidKeyError."""
     if not isinstance(key, str):
         raise InvalidKeyError(f"backend keys are str, got {type(key).__name__}: {key!r}")
-    segments = key.split("/")
-    for segment in segments:
-        if not _SEGMENT.fullmatch(segment):
-            raise InvalidKeyError(
-                f"invalid backend key {key!r}: use '/'-separated segments of letters, digits, "
-                "'.', '_' and '-' that do not start with '.' (so no empty, '.' or '..' segment)"
-            )
+    if not _KEY.fullmatch(key):
+        raise InvalidKeyError(
+            f"invalid backend key {key!r}: use '/'-separated segments of letters, digits, "
+            "'.', '_' and '-' that do not start with '.' (so no empty, '.' or '..' segment)"
+        )
     return key
 
 

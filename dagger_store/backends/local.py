@@ -40,6 +40,10 @@ _TMP = ".tmp"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 _OBJECT_MODE = 0o444 & ~_UMASK
+# exists_many lists a folder asked about at least this many keys, while the folders listed hold
+# at most this many times what was asked about.
+_LIST_FROM = 16
+_LIST_AT_MOST = 8
 # syncfs(2) flushes one file system in one call: a group of objects costs one flush.
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
@@ -204,7 +208,26 @@ class LocalBackend:
         return tmp
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
-        return [_exists(self._name(key)) for key in keys]
+        """One listing answers for a folder asked about many keys (a warm run asks about a
+        manifest generation for every node: 256 listings instead of 10,000 stats; on NFS,
+        a few READDIRs instead of a GETATTR each). A folder that turns out to hold far more
+        than was asked about (a big shared store) ends the listing: the rest are stat'ed."""
+        names = [self._name(key) for key in keys]
+        by_folder: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            by_folder.setdefault(os.path.dirname(name), []).append(i)
+        found = [False] * len(names)
+        listing = True
+        for folder, asked in by_folder.items():
+            if listing and len(asked) >= _LIST_FROM:
+                entries = _listed(folder)
+                listing = len(entries) <= _LIST_AT_MOST * len(asked)
+                for i in asked:
+                    found[i] = os.path.basename(names[i]) in entries
+            else:
+                for i in asked:
+                    found[i] = _exists(names[i])
+        return found
 
     def iter_keys(self, prefix: str = "") -> Iterator[str]:
         if prefix:
@@ -346,6 +369,13 @@ def _read_all(fd: int) -> bytes:
     while chunk := os.read(fd, 1 << 16):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _listed(folder: str) -> set[str]:
+    try:
+        return set(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
 
 
 def _exists(name: str) -> bool:
