@@ -20,6 +20,8 @@ from dagger_store import leases
 
 _FIRST_POLL = 0.05
 _LONGEST_POLL = 2.0
+# Seconds a run waits for the holder of a node it found committed to let the lease go.
+_HANDOVER = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ def claim(store: ds.Store, key: ds.NodeKey, terms: LeaseTerms) -> leases.Lease |
                 return None
             return lease
         if _committed(store, key):
+            _handed_over(store, key)
             return None
         if deadline is not None and time.monotonic() > deadline:
             holder = leases.current(store, key)
@@ -56,6 +59,21 @@ def claim(store: ds.Store, key: ds.NodeKey, terms: LeaseTerms) -> leases.Lease |
                 f"waited {terms.wait:.0f} s for node {key.hex[:12]}, which {who} is computing; "
                 "run again later, or raise wait_timeout"
             )
+        time.sleep(delay)
+        delay = min(delay * 2, _LONGEST_POLL)
+
+
+def _handed_over(store: ds.Store, key: ds.NodeKey) -> None:
+    """Wait (at most ``_HANDOVER`` seconds) for the holder of the lease on ``key``, committed
+    now, to let it go. A run that writes behind takes the leases of the children it is already
+    computing just before it lets the parent's go: a run that went on to those children as soon
+    as it saw the parent's manifest could take a lease first and compute a child twice."""
+    deadline = time.monotonic() + _HANDOVER
+    delay = _FIRST_POLL / 5
+    while time.monotonic() < deadline:
+        holder = leases.current(store, key)
+        if holder is None or not holder.live():
+            return
         time.sleep(delay)
         delay = min(delay * 2, _LONGEST_POLL)
 
@@ -119,21 +137,9 @@ class Keeper:
 @contextmanager
 def holding(store: ds.Store, lease: leases.Lease, terms: LeaseTerms) -> Iterator[None]:
     """Renew ``lease`` every third of its time while the block runs; release it after."""
-    stop = threading.Event()
-    held = [lease]
-
-    def renew() -> None:
-        while not stop.wait(terms.seconds / 3):
-            renewed = leases.renew(store, held[0], terms.seconds)
-            if renewed is None:
-                return  # taken over (we were too slow): the commit still decides
-            held[0] = renewed
-
-    renewer = threading.Thread(target=renew, name=f"dagger-lease-{lease.key.hex[:8]}", daemon=True)
-    renewer.start()
+    keeper = Keeper(store, terms)
+    keeper.hold(lease)
     try:
         yield
     finally:
-        stop.set()
-        renewer.join()
-        leases.release(store, held[0])
+        keeper.close()

@@ -54,7 +54,7 @@ PENDING_BYTES = 32 * 2**20
 @dataclass(frozen=True, slots=True)
 class Staged:
     """A computed node, staged: its manifest, the objects it staged, the key of every blob it
-    names (staged by it or by a node before it), and its lease, to release once written."""
+    names (staged by it or by a node before it), and the generation it supersedes, if any."""
 
     node: NodeSpec
     manifest: ds.Manifest
