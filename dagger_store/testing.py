@@ -402,9 +402,29 @@ def fake_aws_environ() -> Iterator[None]:
                 os.environ[name] = value
 
 
+# moto's FakeKey computes its ETag lazily, reading the key's shared buffer without the key's
+# lock; a copy of that key at the same moment (a touch is a copy onto itself) then reads the
+# buffer from its end and stores an EMPTY object. Real S3 has no such race, so the server we test
+# against must not either: moto_server runs with the ETag read under the lock.
+_MOTO_WITH_LOCKED_ETAGS = """
+import sys
+try:
+    from moto.s3 import models
+    from moto.server import main
+except ImportError as exc:
+    sys.exit(f"moto_server needs the test extra (pip install 'moto[server]'): {exc}")
+unlocked = models.FakeKey.etag.fget
+def etag(key):
+    with key.lock:
+        return unlocked(key)
+models.FakeKey.etag = property(etag)
+sys.exit(main())
+"""
+
+
 @contextmanager
 def moto_server(log_dir: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[MotoServer]:
-    """Run ``moto_server`` (installed beside this Python, by ``moto[server]``) on 127.0.0.1.
+    """Run moto's S3 server (``moto[server]``, with its ETag race closed) on 127.0.0.1.
 
     It accepts any credentials (``FAKE_CREDENTIALS`` are in its environment, and nothing of
     ``REAL_AWS_VARIABLES``) unless ``extra_env`` says otherwise (``INITIAL_NO_AUTH_ACTION_COUNT=0``
@@ -417,7 +437,6 @@ def moto_server(log_dir: Path, extra_env: Mapping[str, str] | None = None) -> It
         The server did not answer within ``MOTO_STARTUP_TIMEOUT`` seconds or exited; the
         message holds its log.
     """
-    binary = Path(sys.executable).with_name("moto_server")
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log_path = Path(log_dir) / f"moto-{port}.log"
@@ -425,18 +444,12 @@ def moto_server(log_dir: Path, extra_env: Mapping[str, str] | None = None) -> It
     env.update(FAKE_CREDENTIALS)
     env.update(extra_env or {})
     with open(log_path, "wb") as log:
-        try:
-            process = subprocess.Popen(
-                [str(binary), "-H", "127.0.0.1", "-p", str(port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        except FileNotFoundError:
-            raise RuntimeError(
-                f"no moto_server beside {sys.executable}: install the test extra "
-                "(pip install 'moto[server]')"
-            ) from None
+        process = subprocess.Popen(
+            [sys.executable, "-c", _MOTO_WITH_LOCKED_ETAGS, "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         _wait_for(process, endpoint, log_path)
         yield MotoServer(endpoint, process.pid, log_path)

@@ -433,16 +433,18 @@ def test_contract_passes_the_reference_backend() -> None:
 def test_a_moto_server_that_does_not_start_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fake = tmp_path / "bin" / "moto_server"  # found beside sys.executable, as pip installs it
+    fake = tmp_path / "bin" / "python"  # the interpreter that runs the server
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\necho 'Address already in use' >&2\nexit 3\n")
     fake.chmod(0o755)
-    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    real = sys.executable
+    monkeypatch.setattr(sys, "executable", str(fake))
     with pytest.raises(RuntimeError, match="exited with 3") as info, moto_server(tmp_path):
         pass
     assert "Address already in use" in str(info.value)
-    fake.unlink()
-    with pytest.raises(RuntimeError, match="moto"), moto_server(tmp_path):
+    # Without site-packages, as without the test extra: moto cannot be imported.
+    fake.write_text(f'#!/bin/sh\nexec {real} -S "$@"\n')
+    with pytest.raises(RuntimeError, match=r"pip install 'moto\[server\]'"), moto_server(tmp_path):
         pass
 
 
