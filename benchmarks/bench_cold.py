@@ -124,7 +124,7 @@ class Row:
 
     @property
     def result(self) -> str:
-        return "-" if self.passed is None else "PASS" if self.passed else "FAIL"
+        return common.verdict(self.passed)
 
 
 def print_table(rows: list[Row]) -> None:

@@ -124,7 +124,7 @@ def main() -> None:
                 str(sum(executions_in_turn.values())),
                 "-",
                 f"== {distinct}",
-                "PASS" if sum(executions_together.values()) == distinct else "FAIL",
+                common.verdict(sum(executions_together.values()) == distinct),
             ),
             (
                 "nodes executed twice",
@@ -132,7 +132,7 @@ def main() -> None:
                 str(sum(1 for n in executions_in_turn.values() if n > 1)),
                 "-",
                 "== 0",
-                "PASS" if all(n == 1 for n in executions_together.values()) else "FAIL",
+                common.verdict(all(n == 1 for n in executions_together.values())),
             ),
             (
                 "wall time",

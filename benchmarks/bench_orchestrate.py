@@ -102,7 +102,7 @@ class Row:
 
     @property
     def result(self) -> str:
-        return "-" if self.passed is None else "PASS" if self.passed else "FAIL"
+        return common.verdict(self.passed)
 
 
 def ratio_text(ratio: float | None) -> str:

@@ -140,7 +140,7 @@ def main() -> None:
                 f"restore + results(), {len(frame):,} rows x {len(frame.columns)} columns",
                 f"{seconds:.3f} s",
                 "<= 1 s",
-                "PASS" if seconds <= 1.0 else "FAIL",
+                common.verdict(seconds <= 1.0),
             )
         )
 
@@ -164,7 +164,7 @@ def main() -> None:
                 f"report of {count:,} nodes ({size / MB:.1f} MB of HTML)",
                 f"{seconds:.2f} s",
                 "<= 5 s",
-                "PASS" if seconds <= 5.0 else "FAIL",
+                common.verdict(seconds <= 5.0),
             )
         )
 
@@ -187,16 +187,14 @@ def main() -> None:
                 f"cache={cache}: {elapsed * 1e3:.0f} ms, payload {blobs.payload_bytes / MB:.2f} MB"
             )
             if cache:
-                rows.append((figure, f"{read / MB:.3f} MB read", "< 1 MB", _pass(read < MB)))
+                rows.append(
+                    (figure, f"{read / MB:.3f} MB read", "< 1 MB", common.verdict(read < MB))
+                )
             else:
                 rows.append((figure, f"{read / MB:.1f} MB read", "-", "-"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     common.print_table(("figure", "dagger", "bar", "result"), rows)
-
-
-def _pass(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ class Row:
             return "-"
         op, limit = self.bar.split()
         ok = self.ratio >= float(limit) if op == ">=" else self.ratio <= float(limit)
-        return "PASS" if ok else "FAIL"
+        return common.verdict(ok)
 
 
 def print_table(rows: list[Row]) -> None:

@@ -1,4 +1,4 @@
-"""What the benchmarks share: the results table, and a moto S3 server on loopback.
+"""What the benchmarks share: the results table and its verdicts, and a moto S3 server on loopback.
 
 Each benchmark is a script run by hand (``make bench``); this module sits beside them.
 """
@@ -21,6 +21,11 @@ def add_work_dir(parser: argparse.ArgumentParser) -> None:
         default=Path("/work") if Path("/work").is_dir() else Path(__file__).resolve().parents[1],
         help="where the temporary scratch folder goes: a real disk, not tmpfs (default /work)",
     )
+
+
+def verdict(passed: bool | None) -> str:
+    """A bar's cell in the result column: PASS, FAIL, or "-" where there is no bar."""
+    return "-" if passed is None else "PASS" if passed else "FAIL"
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
