@@ -220,11 +220,10 @@ class _NdarrayCodec:
         return {"": store.put(value)}, spec
 
     def load(self, store: ds.Store, parts: Mapping[str, ds.Digest], spec: Mapping[str, Any]) -> Any:
+        if "inline" not in spec:
+            return _fresh_array(store, parts[""], spec["shape"], spec["dtype"])
         array = np.empty(spec["shape"], dtype=np.dtype(spec["dtype"]))
-        if "inline" in spec:
-            array.reshape(-1).view(np.uint8)[:] = np.frombuffer(spec["inline"], np.uint8)
-        else:
-            store.get_into(parts[""], array)
+        array.reshape(-1).view(np.uint8)[:] = np.frombuffer(spec["inline"], np.uint8)
         return array
 
 
@@ -272,11 +271,10 @@ class _TreeCodec:
         return parts | tensor_parts, spec | {"arrays": shapes, "tensors": tensor_specs}
 
     def load(self, store: ds.Store, parts: Mapping[str, ds.Digest], spec: Mapping[str, Any]) -> Any:
-        arrays = []
-        for i, shape in enumerate(spec["arrays"]):
-            array = np.empty(shape["shape"], dtype=np.dtype(shape["dtype"]))
-            store.get_into(parts[f"#{i}"], array)
-            arrays.append(array)
+        arrays = [
+            _fresh_array(store, parts[f"#{i}"], shape["shape"], shape["dtype"])
+            for i, shape in enumerate(spec["arrays"])
+        ]
         tensors = _load_tensors(store, parts, spec["tensors"])
         structure = spec["inline"] if "inline" in spec else store.get(parts[""])
         return _TreeUnpacker(arrays, tensors).unpack(structure)
@@ -398,6 +396,20 @@ _REGISTERED: list[Codec] = []
 _BY_NAME: dict[str, Codec] = {codec.name: codec for codec in _BUILT_IN}
 
 
+def _fresh_array(
+    store: ds.Store, digest: ds.Digest, shape: list[int], dtype: str
+) -> np.ndarray[Any, Any]:
+    """A writable array of the blob's bytes, the caller's own: lent copy-on-write where the
+    store holds them in a region of the run's (``Store.get_private``), else read into new
+    memory."""
+    mapped = store.get_private(digest)
+    if mapped is not None:
+        return np.frombuffer(mapped, dtype=np.dtype(dtype)).reshape(shape)
+    array = np.empty(shape, dtype=np.dtype(dtype))
+    store.get_into(digest, array)
+    return array
+
+
 def _is_tree(value: Any, torch: Any) -> bool:
     kind = type(value)
     if kind is np.ndarray:
@@ -448,8 +460,7 @@ def _load_tensor(store: ds.Store, digest: ds.Digest, spec: Mapping[str, Any]) ->
     import torch  # recorded as a tensor: torch was there when it was saved
 
     dtype = getattr(torch, spec["dtype"])
-    raw = np.empty(digest.size, dtype=np.uint8)
-    store.get_into(digest, raw)
+    raw = _fresh_array(store, digest, [digest.size], "|u1")
     flat = torch.from_numpy(raw).view(dtype) if raw.size else torch.empty(0, dtype=dtype)
     tensor = flat.reshape(spec["shape"])
     if spec.get("parameter"):

@@ -176,7 +176,15 @@ def run_node(task: NodeTask, parent: Outcome | None) -> Outcome:
         with store.staged(behind.known) as stage:
             manifest = save_state(store, state, node, seconds)
         behind.submit(
-            Staged(node, manifest, stage.objects, frozenset(stage.named), seconds, task.replaces)
+            Staged(
+                node,
+                manifest,
+                stage.objects,
+                frozenset(stage.named),
+                seconds,
+                task.replaces,
+                stage.kept,
+            )
         )
         return Done(node.key, seconds)  # until the write-behind says how its write went
     except Exception as exc:
@@ -230,9 +238,9 @@ def _load(
     held = behind.parent(key) if behind is not None else None
     if held is None:
         return load_state(store, key, state_class, tags)
-    manifest, objects = held
+    manifest, objects, copy = held
     try:
-        with store.reading(objects):
+        with store.reading(objects, copy):
             return load_state(store, key, state_class, tags, manifest=manifest)
     finally:
         assert behind is not None

@@ -11,9 +11,14 @@ where it paid two fsyncs per object; an S3 store sends a group's requests side b
 A child computed meanwhile reads its parent's state from the staged objects
 (``Store.reading``), through the same decoding as from storage, so it sees exactly what a
 process reading the store would see. A node's manifest is kept while it has readers to come
-(its children and Function calls in the plan); its objects only until they are written, then
-they are read from the store (the page cache, mostly). Memory stays within about three states:
-the one computing, the staged objects of its parent, those being written (``PENDING_BYTES``).
+(its children and Function calls in the plan). Its objects are kept until they are written;
+after that, only large arrays staged in sealed regions (``dagger_store.resident``) and small
+objects stay, while a node with readers to come names them: children map such an array
+copy-on-write instead of copying it, and name it again without hashing it if they leave it
+unwritten, so a data set that every node carries is held once and never copied. The rest is
+read from the store (the page cache, mostly). Memory stays within about three states: the one
+computing, the staged objects of its parent, those being written (``PENDING_BYTES``), with the
+regions shared among them.
 
 Order and failures: groups are written in submission order, and a node is submitted after its
 parent. A node whose parent this run failed to write is not written (Skipped). A group that
@@ -34,13 +39,13 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dagger_store as ds
 from dagger_orchestrate.inflight import Keeper, LeaseTerms
 from dagger_orchestrate.outcomes import Done, Failed, Skipped, portable
 from dagger_orchestrate.plan import NodeSpec
-from dagger_store.backends.base import Buffer
+from dagger_store.staging import RawLeaf, StagedObject
 
 # How long the writer lets submissions gather before it writes them as one group.
 GATHER_SECONDS = 0.02
@@ -49,19 +54,23 @@ GATHER_SECONDS = 0.02
 # within about three states (the one computing, its parent held for reading, one being
 # written), and computing never runs more than one large node ahead of the disk.
 PENDING_BYTES = 32 * 2**20
+# Written objects at most this large stay in memory while a node to be read names them.
+RETAIN_SMALL = 64 * 2**10
 
 
 @dataclass(frozen=True, slots=True)
 class Staged:
     """A computed node, staged: its manifest, the objects it staged, the key of every blob it
-    names (staged by it or by a node before it), and the generation it supersedes, if any."""
+    names (staged by it or by a node before it), the generation it supersedes, if any, and
+    the objects of the regions it named through a lent array (``Stage.kept``)."""
 
     node: NodeSpec
     manifest: ds.Manifest
-    objects: Mapping[str, Buffer]
+    objects: Mapping[str, StagedObject]
     named: frozenset[str]
     seconds: float
     replaces: int | None = None
+    kept: Mapping[str, StagedObject] = field(default_factory=dict)
 
 
 class WriteBehind:
@@ -75,8 +84,12 @@ class WriteBehind:
         # Blob keys staged by this run, written or queued: a later stage does not encode them.
         self.known: set[str] = set()
         self._written: set[str] = set()
-        self._memory: dict[str, Buffer] = {}
-        self._held: dict[ds.NodeKey, ds.Manifest] = {}
+        self._memory: dict[str, StagedObject] = {}
+        # Held node -> its manifest and the blobs its children copy rather than map.
+        self._held: dict[ds.NodeKey, tuple[ds.Manifest, frozenset[str]]] = {}
+        self._holding: dict[ds.NodeKey, frozenset[str]] = {}  # held node -> the blobs it names
+        self._holders: Counter[str] = Counter()  # blob key -> held nodes naming it
+        self._unchanged: set[str] = set()  # blob keys a node named without staging them
         self._readers = Counter(readers)
         self._queue: list[Staged] = []
         self._submitted: set[ds.NodeKey] = set()
@@ -92,19 +105,37 @@ class WriteBehind:
 
     # -- the computing side ----------------------------------------------------------------
 
-    def parent(self, key: ds.NodeKey) -> tuple[ds.Manifest, Mapping[str, Buffer]] | None:
-        """The manifest of ``key`` and the objects to read its state from (``Store.reading``),
-        if this run staged it and holds it for its readers; call ``read`` once read."""
+    def parent(
+        self, key: ds.NodeKey
+    ) -> tuple[ds.Manifest, Mapping[str, StagedObject], frozenset[str]] | None:
+        """The manifest of ``key``, the objects to read its state from and the keys of those
+        to copy rather than map (``Store.reading``), if this run staged it and holds it for its
+        readers; call ``read`` once read.
+
+        Copied: the blobs the node produced (a root: all of its), unless a node of this run
+        has since put one back unchanged. What a recipe rewrote (a model in training) the next
+        one likely rewrites too, and a mapped array rewritten whole costs about four copies (a
+        page copied at each page's first write); what nodes pass on unchanged (a data set)
+        costs nothing mapped.
+        """
         with self._lock:
             held = self._held.get(key)
-        return None if held is None else (held, self._memory)
+            if held is None:
+                return None
+            return held[0], self._memory, held[1] - self._unchanged
 
     def read(self, key: ds.NodeKey) -> None:
         """One of the readers of ``key`` has read it (or will not)."""
         with self._lock:
             self._readers[key] -= 1
-            if self._readers[key] <= 0:
-                self._held.pop(key, None)
+            if self._readers[key] > 0 or self._held.pop(key, None) is None:
+                return
+            for name in self._holding.pop(key):
+                self._holders[name] -= 1
+                if self._holders[name] <= 0:
+                    del self._holders[name]
+                    if name in self._written:
+                        self._memory.pop(name, None)
 
     def lease_later(self, node: NodeSpec) -> bool:
         """Whether the lease on ``node`` is left to the writer, which takes it right after it
@@ -161,8 +192,13 @@ class WriteBehind:
             for name, data in staged.objects.items():
                 self._memory.setdefault(name, data)  # until written
             if self._readers[key] > 0:
-                self._held[key] = staged.manifest
+                self._held[key] = (staged.manifest, frozenset(staged.objects))
+                self._holding[key] = staged.named
+                self._holders.update(staged.named)
+                for name, data in staged.kept.items():  # its lent regions, for its readers
+                    self._memory.setdefault(name, data)
             self.known.update(staged.objects)
+            self._unchanged.update(staged.named.difference(staged.objects))
             self._queue.append(staged)
             self._lock.notify_all()
 
@@ -196,9 +232,18 @@ class WriteBehind:
                 with self._lock:
                     for staged in group:
                         for name in staged.objects:
-                            self._memory.pop(name, None)
+                            if not self._retained(name):
+                                self._memory.pop(name, None)
                         self._pending -= sum(len(data) for data in staged.objects.values())
                     self._lock.notify_all()
+
+    def _retained(self, name: str) -> bool:
+        """Whether a written object stays in memory (under the lock): a node still to be read
+        names it, and it is a region's or small."""
+        data = self._memory.get(name)
+        if data is None or self._holders[name] <= 0:
+            return False
+        return isinstance(data, RawLeaf) or len(data) <= RETAIN_SMALL
 
     def _lease_children(self, group: list[Staged]) -> None:
         """Take the leases ``lease_later`` left here, of the children of nodes just written

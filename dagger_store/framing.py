@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Sequence
 
 import zstandard
 from blake3 import blake3
@@ -146,7 +147,7 @@ def decompress_into(payload: bytes | memoryview, target: memoryview, key: str) -
         )
 
 
-def encode_index(size: int, leaves: list[Digest]) -> bytes:
+def encode_index(size: int, leaves: Sequence[Digest]) -> bytes:
     """The object of a chunked blob: its size, then its leaves' raw digests in order."""
     return (
         header(Framing.INDEX)

@@ -13,6 +13,10 @@ not) are read from memory: a child computed in the same process as its parent re
 state from what the parent staged, through the same decoding as from storage, so that it sees
 exactly what a process reading the store would see, without the storage or a second hash.
 
+A large array is staged as a ``RawLeaf`` of a sealed ``Region`` (``resident.py``) where memory
+files can be sealed: a child then maps the parent's bytes copy-on-write instead of copying
+them, and an array it leaves unwritten is put back without being hashed again.
+
 Both are context variables: each thread (a threaded scheduler's task) has its own.
 """
 
@@ -23,23 +27,51 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from dagger_store.backends.base import Buffer
+from dagger_store.framing import HEADER_SIZE
+from dagger_store.resident import Region
+
+
+@dataclass(frozen=True, slots=True)
+class RawLeaf:
+    """A raw leaf staged in a region: its payload is ``size`` bytes at ``offset`` (no framing
+    header: a region holds a whole blob's bytes contiguously, to be lent out as one array)."""
+
+    region: Region
+    offset: int
+    size: int
+
+    def payload(self) -> memoryview:
+        return self.region.view(self.offset, self.size)
+
+    def __len__(self) -> int:  # as long as the object it stands for
+        return HEADER_SIZE + self.size
+
+
+# What a stage holds under a blob key: the whole encoded object, or a raw leaf in a region.
+StagedObject = Buffer | RawLeaf
 
 
 @dataclass(slots=True)
 class Stage:
     """What ``put`` encoded inside one ``Store.staged`` block.
 
-    ``objects``: blob key -> the whole encoded object (framing header and payload), leaves
-    before the index that names them. ``named``: the key of every blob put, staged or not
-    (those in ``known`` were written before by the same writer and are not staged again).
+    ``objects``: blob key -> the whole encoded object (framing header and payload) or a raw
+    leaf in a region, leaves before the index that names them. ``named``: the key of every
+    blob put, staged or not (those in ``known`` were written before by the same writer and
+    are not staged again). ``kept``: the objects of regions named again through an unwritten
+    lent array (staged before, by the same writer): whoever reads this stage's node next
+    finds them in memory too.
     """
 
     known: Container[str] = frozenset()
-    objects: dict[str, Buffer] = field(default_factory=dict)
+    objects: dict[str, StagedObject] = field(default_factory=dict)
     named: set[str] = field(default_factory=set)
+    kept: dict[str, StagedObject] = field(default_factory=dict)
 
 
 stage_var: ContextVar[Stage | None] = ContextVar("dagger_store_stage", default=None)
-memory_var: ContextVar[Mapping[str, Buffer] | None] = ContextVar(
+memory_var: ContextVar[Mapping[str, StagedObject] | None] = ContextVar(
     "dagger_store_memory", default=None
 )
+# Blob keys among the objects being read that are copied rather than lent (``Store.reading``).
+copy_var: ContextVar[Container[str]] = ContextVar("dagger_store_copy", default=frozenset())

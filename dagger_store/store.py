@@ -90,8 +90,9 @@ from dagger_store.layout import (
     manifest_node,
 )
 from dagger_store.manifest import Frame, Manifest
+from dagger_store.resident import RESIDENT_FROM, Region, pristine
 from dagger_store.signing import LabKey, Signatures
-from dagger_store.staging import Stage, memory_var, stage_var
+from dagger_store.staging import RawLeaf, Stage, StagedObject, copy_var, memory_var, stage_var
 
 # Below this size a conditional write is cheaper than asking first whether the blob exists.
 _ASK_FIRST_ABOVE = 256 * 1024
@@ -230,17 +231,18 @@ class Store:
         """
         view = _byte_view(data)
         stage = stage_var.get()
+        if stage is not None and len(view) >= RESIDENT_FROM:
+            return self._put_resident(view, stage)
         compress = stage is None and self._compressor.pays_off(view)  # staged: the writer's
         leaves = leaf_views(view)
         if len(leaves) == 1:
             return self._put_leaf(view, compress, stage)
         digests = self.map(lambda leaf: self._put_leaf(leaf, compress, stage), leaves)
         top = tree_digest(len(view), digests)
-        key = blob_key(top)
         if stage is None:
-            write_or_refresh(self.backend, key, framing.encode_index(top.size, digests))
-        elif _stages(stage, key):
-            stage.objects[key] = framing.encode_index(top.size, digests)
+            write_or_refresh(self.backend, blob_key(top), framing.encode_index(top.size, digests))
+        else:
+            self._stage_index(top, digests, stage)
         return top
 
     def put_many(self, values: Sequence[Any]) -> list[Digest]:
@@ -262,6 +264,44 @@ class Store:
             if i not in digests:  # a large value parallelises over its own leaves
                 digests[i] = self.put(view)
         return [digests[i] for i in range(len(views))]
+
+    def _put_resident(self, view: memoryview, stage: Stage) -> Digest:
+        """``put`` of a large buffer inside a stage, through a sealed region (``resident.py``)
+        where it can be: an array lent out of a region of this writer's and left unwritten is
+        named again without a byte copied or hashed; any other is hashed leaf by leaf and
+        copied into a new region, which children map instead of copying."""
+        region = pristine(view)
+        if region is not None and region.digest is not None:
+            objects = _region_objects(region)
+            if all(k in stage.known for k in objects):
+                stage.named.update(objects)
+                stage.kept.update(objects)
+                return region.digest
+        leaves = leaf_views(view)
+        digests = self.map(leaf_digest, leaves)
+        top = digests[0] if len(leaves) == 1 else tree_digest(len(view), digests)
+        keys = [blob_key(d) for d in digests] + ([blob_key(top)] if len(leaves) > 1 else [])
+        region = None
+        if not all(k in stage.known or k in stage.objects for k in keys):
+            region = Region.new(len(view))
+        if region is None:  # staged before, or too many regions alive: copies
+            for key, leaf in zip(keys, leaves, strict=False):
+                if _stages(stage, key):
+                    stage.objects[key] = _staged_copy(framing.header(Framing.RAW), leaf)
+            return top if len(leaves) == 1 else self._stage_index(top, digests, stage)
+        fill = region.fill  # copied after hashing, as ``_staged_copy`` is
+        self.map(lambda at: fill(at * LEAF_SIZE, leaves[at]), range(len(leaves)))
+        region.seal(top, digests)
+        for key, staged in _region_objects(region).items():
+            if _stages(stage, key):
+                stage.objects[key] = staged
+        return top
+
+    def _stage_index(self, top: Digest, digests: list[Digest], stage: Stage) -> Digest:
+        key = blob_key(top)
+        if _stages(stage, key):
+            stage.objects[key] = framing.encode_index(top.size, digests)
+        return top
 
     def _put_leaf(self, leaf: memoryview, compress: bool, stage: Stage | None) -> Digest:
         digest = leaf_digest(leaf)
@@ -315,6 +355,23 @@ class Store:
             lambda pair: self._read_leaf_into(*pair, memory), list(zip(leaves, parts, strict=True))
         )
 
+    def get_private(self, digest: Digest) -> mmap.mmap | None:
+        """The blob's bytes as a writable copy-on-write mapping, when they are staged in a
+        region (``resident.py``) among the objects being read (``reading``): nothing copied,
+        and ``put`` of the untouched mapping names the blob again without hashing it. None
+        otherwise: use ``get_into``."""
+        _check_digest(digest)
+        memory = memory_var.get()
+        if not memory or digest.size < RESIDENT_FROM or blob_key(digest) in copy_var.get():
+            return None
+        first = memory.get(blob_key(digest))
+        if digest.is_chunked and isinstance(first, bytes | bytearray | memoryview):
+            leaves = framing.index_leaves(memoryview(first)[HEADER_SIZE:], digest)
+            first = memory.get(blob_key(leaves[0]))
+        if not isinstance(first, RawLeaf) or first.region.digest != digest:
+            return None
+        return first.region.private()
+
     def has_blobs(self, digests: Sequence[Digest]) -> list[bool]:
         """Whether each blob is stored whole, in batched rounds.
 
@@ -348,17 +405,17 @@ class Store:
         except StoreError:  # gone since, or corrupt: either way not stored whole
             return None
 
-    def _read(self, digest: Digest, memory: Mapping[str, Buffer] | None = None) -> Buffer:
+    def _read(self, digest: Digest, memory: Mapping[str, StagedObject] | None = None) -> Buffer:
         key = blob_key(digest)
         if memory and (held := memory.get(key)) is not None:
-            return held
+            return b"".join(_framed(held)) if isinstance(held, RawLeaf) else held
         try:
             return self.backend.read(key)
         except NotFoundError as exc:
             raise NotFoundError(f"no blob {digest} in {self.url}", key=key) from exc
 
     def _read_index(
-        self, digest: Digest, memory: Mapping[str, Buffer] | None = None
+        self, digest: Digest, memory: Mapping[str, StagedObject] | None = None
     ) -> list[Digest]:
         key = blob_key(digest)
         data = self._read(digest, memory)
@@ -373,11 +430,16 @@ class Store:
         return framing.index_leaves(memoryview(data)[HEADER_SIZE:], digest)
 
     def _read_leaf_into(
-        self, digest: Digest, target: memoryview, memory: Mapping[str, Buffer] | None = None
+        self, digest: Digest, target: memoryview, memory: Mapping[str, StagedObject] | None = None
     ) -> None:
         key = blob_key(digest)
         if memory and (held := memory.get(key)) is not None:
             # Staged by this process, which hashed these very bytes: decoded, not verified.
+            if isinstance(held, RawLeaf):
+                if held.size != len(target):
+                    raise IntegrityError(f"staged blob {key!r} is not a leaf of its size", key=key)
+                target[:] = held.payload()
+                return
             kind = framing.read_header(held, key)
             payload = memoryview(held)[HEADER_SIZE:]
             if kind is Framing.ZSTD:
@@ -434,20 +496,25 @@ class Store:
             stage_var.reset(token)
 
     @contextmanager
-    def reading(self, objects: Mapping[str, Buffer]) -> Iterator[None]:
-        """Within the block, blobs among ``objects`` (``Stage.objects``) are read from there."""
-        token = memory_var.set(objects)
+    def reading(
+        self, objects: Mapping[str, StagedObject], copy: Container[str] = frozenset()
+    ) -> Iterator[None]:
+        """Within the block, blobs among ``objects`` (``Stage.objects``) are read from there;
+        ``get_private`` lends those in regions out, except the blobs whose keys are in
+        ``copy``."""
+        tokens = memory_var.set(objects), copy_var.set(copy)
         try:
             yield
         finally:
-            memory_var.reset(token)
+            memory_var.reset(tokens[0])
+            copy_var.reset(tokens[1])
 
-    def write_staged(self, objects: Mapping[str, Buffer]) -> None:
+    def write_staged(self, objects: Mapping[str, StagedObject]) -> None:
         """Write staged blob objects in groups (leaves, then the indexes naming them, so that an
         index implies its leaves), each group durable before this returns. As ``put`` does,
         leaves are compressed where zstd pays, content found present is touched, and a large
         object is asked about before it is sent."""
-        leaves = [k for k, v in objects.items() if framing.read_header(v, k) is not Framing.INDEX]
+        leaves = [k for k, v in objects.items() if _staged_kind(k, v) is not Framing.INDEX]
         indexes = [k for k in objects if k not in set(leaves)]
         for group in (leaves, indexes):
             large = [k for k in group if len(objects[k]) > _ASK_FIRST_ABOVE]
@@ -460,13 +527,13 @@ class Store:
             touched = self.map(lambda k: refresh(self.backend, k), found)
             for key, ok in zip(found, touched, strict=True):
                 if not ok:  # collected between the two: written again
-                    write_or_refresh(self.backend, key, objects[key])
+                    write_or_refresh(self.backend, key, *_framed(objects[key]))
 
-    def _encoded(self, key: str, staged: Buffer) -> tuple[Buffer, ...]:
+    def _encoded(self, key: str, staged: StagedObject) -> tuple[Buffer, ...]:
         """A staged object as written: a raw leaf compressed where zstd pays."""
-        if framing.read_header(staged, key) is not Framing.RAW:
-            return (staged,)
-        leaf = memoryview(staged)[HEADER_SIZE:]
+        if _staged_kind(key, staged) is not Framing.RAW:
+            return _framed(staged)
+        leaf = staged.payload() if isinstance(staged, RawLeaf) else memoryview(staged)[HEADER_SIZE:]
         return self._compressor.encode_leaf(leaf, self._compressor.pays_off(leaf))
 
     def commit_written(self, items: Sequence[tuple[NodeKey, Manifest, int | None]]) -> list[Commit]:
@@ -880,6 +947,29 @@ def _staged_copy(head: bytes, leaf: memoryview) -> Buffer:
     copy[: len(head)] = head
     copy[len(head) :] = leaf
     return memoryview(copy)
+
+
+def _region_objects(region: Region) -> dict[str, StagedObject]:
+    """The objects of the blob a sealed region holds: its leaves, then its index if chunked."""
+    assert region.digest is not None
+    objects: dict[str, StagedObject] = {
+        blob_key(leaf): RawLeaf(region, at * LEAF_SIZE, leaf.size)
+        for at, leaf in enumerate(region.leaves)
+    }
+    if region.digest.is_chunked:
+        objects[blob_key(region.digest)] = framing.encode_index(region.digest.size, region.leaves)
+    return objects
+
+
+def _staged_kind(key: str, staged: StagedObject) -> Framing:
+    return Framing.RAW if isinstance(staged, RawLeaf) else framing.read_header(staged, key)
+
+
+def _framed(staged: StagedObject) -> tuple[Buffer, ...]:
+    """A staged object as the parts of the object stored."""
+    if isinstance(staged, RawLeaf):
+        return framing.header(Framing.RAW), staged.payload()
+    return (staged,)
 
 
 def _stages(stage: Stage, key: str) -> bool:

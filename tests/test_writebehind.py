@@ -17,6 +17,8 @@ import pytest
 
 import dagger_orchestrate as dg
 import dagger_store as ds
+from dagger_store import resident
+from dagger_store import store as store_module
 from dagger_store.backends.base import Buffer
 from dagger_store.backends.memory import MemoryBackend
 from dagger_store.framing import Framing, read_header
@@ -211,3 +213,82 @@ def test_a_tiny_node_costs_a_few_s3_requests_and_they_overlap(
     assert fault_proxy.forwarded - before <= 5 * 100
     assert fault_proxy.peak_in_flight > 1  # a group's requests go side by side
     assert exp.run(scheduler, progress=False).executed == ()
+
+
+# -- large arrays lent copy-on-write (dagger_store/resident.py) --------------------------------
+
+
+class Carried(dg.ExperimentState):
+    """A data set every node carries, and a model every recipe changes."""
+
+    PROPERTIES = ["seed"]
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        rng = np.random.default_rng(self.seed)
+        self.data = rng.standard_normal(2**20)  # 8 MB
+        self.model = rng.standard_normal(2**18)  # 2 MB
+
+
+class Fit(dg.Recipe):
+    """Changes the model; with ``poke`` >= 0, also sets one entry of the data set in place."""
+
+    PROPERTIES = ["rate", "poke"]
+
+    def run(self, state: dg.ExperimentState) -> dg.ExperimentState:
+        s: Any = state
+        s.model *= 1 - self.rate
+        s.model += self.rate * s.data[: s.model.size]
+        if self.poke >= 0:
+            s.data[self.poke * 4096] = float(self.poke)
+        return state
+
+
+def _expected(seed: int, fits: list[tuple[float, int]]) -> dict[str, np.ndarray]:
+    state: Any = type("Plain", (), {})()
+    rng = np.random.default_rng(seed)
+    state.data, state.model = rng.standard_normal(2**20), rng.standard_normal(2**18)
+    for rate, poke in fits:
+        Fit(rate=rate, poke=poke).run(state)
+    return {"data": state.data, "model": state.model}
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_siblings_changing_a_lent_data_set_in_place_never_see_each_others_changes(
+    tmp_path: Path, scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[int] = []
+    real = store_module.leaf_digest
+
+    def counting(leaf: memoryview) -> ds.Digest:
+        hashed.append(len(leaf))
+        return real(leaf)
+
+    monkeypatch.setattr(store_module, "leaf_digest", counting)
+    exp = dg.Experiment(tmp_path / "exp", state_class=Carried)
+    root = exp.spawn_new_tree(seed=5)
+    first = Fit(rate=0.5, poke=-1)(root)
+    plans = {first.key: [(0.5, -1)]}
+    for i in range(4):  # siblings: three poke the data set they were lent, one leaves it alone
+        poke = i if i < 3 else -1
+        child = Fit(rate=0.1 * (i + 1), poke=poke)(first)
+        plans[child.key] = [(0.5, -1), (0.1 * (i + 1), poke)]
+        grandchild = Fit(rate=0.3, poke=-1)(child)
+        plans[grandchild.key] = plans[child.key] + [(0.3, -1)]
+    assert len(exp.run(scheduler, progress=False).executed) == 10
+    fresh = dg.Experiment(tmp_path / "exp", state_class=Carried)  # reads the store, verified
+    data_digests = set()
+    for key, fits in plans.items():
+        stored = _stored(fresh, key)
+        expected = _expected(5, fits)
+        assert np.array_equal(stored["data"], expected["data"]), key
+        assert np.array_equal(stored["model"], expected["model"]), key
+        data_digests.add(fresh.store.get_manifest(key).blobs["data"])
+    assert len(data_digests) == 4  # the original and the three poked
+    if resident.available():
+        # Hashed where it was made (the root), where it was poked (3), and where a node got
+        # it as a copy (the first Fit, and the pokers' children: what a node's parent made
+        # is copied, until a node has passed it on unchanged). The two nodes that carried a
+        # lent data set unchanged named it without hashing it.
+        data_hashes = sum(1 for size in hashed if size == 8 * 2**20)
+        assert data_hashes == 1 + 3 + 1 + 3, hashed
+    assert fresh.store.verify().problems == ()

@@ -201,6 +201,8 @@ class LocalBackend:
                     _write_all(f.fileno(), memoryview(part))
                 if durable:
                     os.fsync(f.fileno())
+                else:
+                    _start_writeback(f.fileno())
         except BaseException:
             with suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -393,6 +395,17 @@ def _linked(tmp: str, path: Path) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int) -> None:
+    """Have the disk start on a file's dirty pages now, without waiting for it (Linux
+    ``sync_file_range``): the group's flush then finds most of them written already, instead
+    of the disk idling while the group is written and the writer idling while it flushes."""
+    if _LIBC is not None and hasattr(_LIBC, "sync_file_range"):
+        _LIBC.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_WRITE)
 
 
 def _syncfs(path: Path) -> bool:

@@ -1,0 +1,172 @@
+"""Large staged blobs in sealed memory files (dagger_store/resident.py): lent copy-on-write,
+recognised unchanged when put back.
+
+What a person relies on: an array lent out of a region is theirs to change, and no one else
+(a sibling, the region, the store) sees the change; put back unchanged it names the same blob
+without being hashed again, put back changed it is hashed and stored as what it now holds;
+where the mechanism is missing, everything works as before, copying.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dagger_store as ds
+from dagger_store import resident
+from dagger_store import store as store_module
+from dagger_store.digest import blob_digest
+from dagger_store.layout import blob_key
+from dagger_store.staging import RawLeaf
+
+pytestmark = pytest.mark.skipif(
+    not resident.available(),
+    reason="regions need Linux memfd sealing and a readable /proc/self/pagemap",
+)
+
+BIG = 3 * 2**20 + 17  # 24 MB of float64 and a little: three leaves and a short fourth
+
+
+def _array(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(BIG // 8)
+
+
+def _open(tmp_path: Path) -> ds.Store:
+    return ds.open_store(str(tmp_path / "store"))
+
+
+def _staged_put(store: ds.Store, value: object, known: set[str] | None = None):  # type: ignore[no-untyped-def]
+    with store.staged(known if known is not None else set()) as stage:
+        digest = store.put(value)
+    return digest, stage
+
+
+def test_a_staged_array_is_lent_copy_on_write_and_put_back_unchanged_without_hashing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _open(tmp_path)
+    original = _array()
+    digest, stage = _staged_put(store, original)
+    assert digest == blob_digest(memoryview(original).cast("B"))
+    assert any(isinstance(v, RawLeaf) for v in stage.objects.values())
+    with store.reading(stage.objects):
+        lent = store.get_private(digest)
+    assert lent is not None
+    array = np.frombuffer(lent, dtype=np.float64)
+    assert array.flags.writeable and np.array_equal(array, original)
+
+    hashed: list[int] = []
+    real = store_module.leaf_digest
+
+    def counting(leaf: memoryview) -> ds.Digest:
+        hashed.append(len(leaf))
+        return real(leaf)
+
+    monkeypatch.setattr(store_module, "leaf_digest", counting)
+    again, second = _staged_put(store, array, known=set(stage.objects))
+    assert again == digest and hashed == []  # named again, not a byte hashed
+    assert second.objects == {} and set(stage.objects) <= second.named
+
+
+def test_a_lent_array_changed_in_one_place_is_hashed_and_stored_as_it_now_is(
+    tmp_path: Path,
+) -> None:
+    store = _open(tmp_path)
+    original = _array()
+    digest, stage = _staged_put(store, original)
+    with store.reading(stage.objects):
+        mine = np.frombuffer(store.get_private(digest), dtype=np.float64)  # type: ignore[arg-type]
+        sibling = np.frombuffer(store.get_private(digest), dtype=np.float64)  # type: ignore[arg-type]
+    mine[len(mine) // 2] = 42.0  # one page written
+    assert sibling[len(mine) // 2] != 42.0 and np.array_equal(sibling, original)
+    changed, second = _staged_put(store, mine, known=set(stage.objects))
+    assert changed != digest
+    assert changed == blob_digest(memoryview(mine).cast("B"))
+    # The unchanged sibling still names the original; the region itself never changed.
+    same, _ = _staged_put(store, sibling, known=set(stage.objects))
+    assert same == digest
+    with store.reading(stage.objects):
+        again = np.frombuffer(store.get_private(digest), dtype=np.float64)  # type: ignore[arg-type]
+    assert np.array_equal(again, original)
+    # Written, both read back from storage (verified) as they were put.
+    store.write_staged(stage.objects)
+    store.write_staged(second.objects)
+    for value, key in ((original, digest), (mine, changed)):
+        out = np.empty_like(value)
+        store.get_into(key, out)
+        assert np.array_equal(out, value)
+    assert store.verify().problems == ()
+
+
+def test_a_region_cannot_change_once_sealed(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    _, stage = _staged_put(store, _array())
+    leaf = next(v for v in stage.objects.values() if isinstance(v, RawLeaf))
+    with pytest.raises(OSError):
+        os.pwrite(leaf.region._fd, b"x", 0)
+    with pytest.raises(TypeError):
+        leaf.payload()[0] = 1  # type: ignore[index]
+
+
+def test_put_back_elsewhere_is_hashed_and_staged_again(tmp_path: Path) -> None:
+    """A writer that did not stage the region (another run) cannot name it unwritten."""
+    store = _open(tmp_path)
+    digest, stage = _staged_put(store, _array())
+    with store.reading(stage.objects):
+        lent = np.frombuffer(store.get_private(digest), dtype=np.float64)  # type: ignore[arg-type]
+    again, other = _staged_put(store, lent, known=set())
+    assert again == digest
+    assert blob_key(digest) in other.objects  # its own copy, for its own writer
+
+
+def test_an_array_that_is_not_lent_is_not_taken_for_one(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    original = _array()
+    digest, stage = _staged_put(store, original)
+    with store.reading(stage.objects):
+        lent = np.frombuffer(store.get_private(digest), dtype=np.float64)  # type: ignore[arg-type]
+    assert resident.pristine(memoryview(lent).cast("B")) is not None
+    assert resident.pristine(memoryview(lent[1:]).cast("B")) is None  # not the whole of it
+    assert resident.pristine(memoryview(original).cast("B")) is None
+    frozen = lent.copy()
+    frozen.flags.writeable = False
+    assert resident.pristine(memoryview(frozen).cast("B")) is None
+
+
+def test_blobs_to_copy_are_not_lent(tmp_path: Path) -> None:
+    store = _open(tmp_path)
+    digest, stage = _staged_put(store, _array())
+    with store.reading(stage.objects, copy={blob_key(digest)}):
+        assert store.get_private(digest) is None
+        out = np.empty(BIG // 8)
+        store.get_into(digest, out)  # still read from memory, copied
+    assert np.array_equal(out, _array())
+
+
+def test_beyond_the_region_limit_large_blobs_are_staged_as_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(resident, "MAX_REGIONS", 0)
+    store = _open(tmp_path)
+    original = _array()
+    digest, stage = _staged_put(store, original)
+    assert digest == blob_digest(memoryview(original).cast("B"))
+    assert not any(isinstance(v, RawLeaf) for v in stage.objects.values())
+    with store.reading(stage.objects):
+        assert store.get_private(digest) is None
+    store.write_staged(stage.objects)
+    out = np.empty_like(original)
+    store.get_into(digest, out)
+    assert np.array_equal(out, original)
+
+
+def test_switched_off_by_the_environment() -> None:
+    code = "from dagger_store import resident; print(resident.available())"
+    env = {**os.environ, "DAGGER_RESIDENT": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
