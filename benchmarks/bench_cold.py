@@ -24,9 +24,11 @@ Bars (the "cold path" issue):
    node (defining the tree, with ``Experiment(...)``, reported beside it), per-node cost <= 1.2x
    that of T = 101 (1,011 nodes, also cold in a child, this run), peak RSS (VmHWM of the child)
    <= 300 MB. Then a fully cached re-run (fresh ``Experiment`` on the same folder, the tree
-   defined again): ``run()`` <= 0.5 s; ``Experiment.restore(path, slim=True)`` with its graph
-   <= 0.3 s and ``nodes.filter("pruned") & nodes.filter("lr:7")`` (9 nodes) <= 5 ms, each best
-   of 5 after a warm-up. Cold must execute every node, the re-run none.
+   defined again): ``run()`` <= 0.5 s, best of ``WARM_ROUNDS`` such re-runs (their median
+   reported beside it: on a shared machine one re-run varied from 0.47 s to 0.83 s);
+   ``Experiment.restore(path, slim=True)`` with its graph <= 0.3 s and
+   ``nodes.filter("pruned") & nodes.filter("lr:7")`` (9 nodes) <= 5 ms, each best of 5 after a
+   warm-up. Cold must execute every node, the re-runs none.
 4. S3 (``--skip-s3`` skips it): the sweep at T = 110 (1,101 nodes) on a moto server on loopback,
    through a ``FaultProxy`` injecting nothing (it counts the requests it forwards), the
    experiment's store ``s3://bucket/store``, the "threads" scheduler. Requests during the cold
@@ -48,6 +50,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,6 +99,7 @@ FILTER_LR = 7
 COLD_PER_NODE_BAR_S = 1e-3
 SCALING_BAR = 1.2
 WARM_BAR_S = 0.5
+WARM_ROUNDS = 3
 RESTORE_BAR_S = 0.3
 FILTER_BAR_S = 0.005
 SWEEP_RSS_BAR = 300 * MB
@@ -405,10 +409,12 @@ def restored_graph_size(path: Path) -> int:
 def measure_sweep_after(path: Path, trainings: int, checks: dict[str, bool]) -> list[Row]:
     """Bar 3, after the cold run: a cached re-run, a slim restore, a two-tag filter."""
     nodes = sweep_nodes(trainings)
-    warm = run_sweep(path, trainings)
-    checks[f"sweep of {nodes:,}: warm re-run executes none"] = (
-        len(warm.report.executed) == 0 and len(warm.report.cached) == nodes
+    rounds = [run_sweep(path, trainings) for _ in range(WARM_ROUNDS)]
+    checks[f"sweep of {nodes:,}: warm re-runs execute none"] = all(
+        len(r.report.executed) == 0 and len(r.report.cached) == nodes for r in rounds
     )
+    warm = min(rounds, key=lambda r: r.run_s)
+    median_s = statistics.median(r.run_s for r in rounds)
     restore_best, sizes = best_of(RESTORE_ROUNDS, {"restore": lambda: restored_graph_size(path)})
     graph = dg.Experiment.restore(path, slim=True).graph
     tag = f"lr:{FILTER_LR}"
@@ -420,8 +426,9 @@ def measure_sweep_after(path: Path, trainings: int, checks: dict[str, bool]) -> 
     checks[f"filter pruned & {tag} selects {PRUNINGS}"] = set(selected["filter"]) == {PRUNINGS}
     restore_s, filter_s = restore_best["restore"], filter_best["filter"]
     return [
-        Row(f"3d warm re-run run(), {nodes:,}", seconds_text(warm.run_s),
+        Row(f"3d warm re-run run(), {nodes:,}, best of {WARM_ROUNDS}", seconds_text(warm.run_s),
             bar=f"<= {WARM_BAR_S} s", passed=warm.run_s <= WARM_BAR_S),
+        Row(f"   warm re-run run(), median of {WARM_ROUNDS}", seconds_text(median_s)),
         Row("   warm re-run define", seconds_text(warm.define_s)),
         Row(f"3e slim restore + graph, {nodes:,}", seconds_text(restore_s),
             bar=f"<= {RESTORE_BAR_S} s", passed=restore_s <= RESTORE_BAR_S),

@@ -36,6 +36,7 @@ from dagger_orchestrate.results import (
 from dagger_orchestrate.state import ExperimentState
 from dagger_orchestrate.storeref import StoreRef
 from dagger_orchestrate.usercode import class_path, helper_hashes, source_hash
+from dagger_store.gcpause import collection_paused
 from dagger_store.host import host
 from dagger_store.records import add_record, add_record_once, read_records
 from dagger_store.usercache import cache_dir
@@ -279,43 +280,45 @@ class Experiment:
             )
             for i, c in enumerate(self._calls)
         ]  # fmt: skip
-        # Recorded first, so that the cached nodes this run relies on, and the results it will
-        # store, are already garbage collection roots when it looks them up or writes them.
-        self._record_definition([c.result_key for c in calls], tags)
-        plan = resolve(nodes, self.store, redo)
-        self._warn_stale(plan.cached)
-        # One batched question for every call's stored result: cached Functions reuse theirs
-        # (no state loaded, nothing run); the others run, and store a value only where none is.
-        stored = self.store.manifests([c.result_key for c in calls]) if calls else {}
-        # A recomputed node's stored results are of the superseded state: never reused.
-        hits = reusable(
-            self.store,
-            {c.result_key: stored[c.result_key] for c in calls
-             if c.function.cache and c.result_key in stored and c.node.key not in redo},
-        )  # fmt: skip
-        reused = {
-            c.index: Returned(c.index, *hits[c.result_key], cached=True)
-            for c in calls
-            if c.function.cache and c.result_key in hits
-        }
-        # A recomputed node's stored results are superseded by the new values (one more
-        # batched round, only when something is recomputed).
-        superseded = (
-            self.store.generations(
-                c.result_key for c in calls if c.node.key in redo and c.result_key in stored
+        # Planning builds objects for every node and frees none: no collections meanwhile.
+        with collection_paused():
+            # Recorded first, so that the cached nodes this run relies on, and the results it will
+            # store, are already garbage collection roots when it looks them up or writes them.
+            self._record_definition([c.result_key for c in calls], tags)
+            plan = resolve(nodes, self.store, redo)
+            self._warn_stale(plan.cached)
+            # One batched question for every call's stored result: cached Functions reuse theirs
+            # (no state loaded, nothing run); the others run, and store a value only where none is.
+            stored = self.store.manifests([c.result_key for c in calls]) if calls else {}
+            # A recomputed node's stored results are of the superseded state: never reused.
+            hits = reusable(
+                self.store,
+                {c.result_key: stored[c.result_key] for c in calls
+                 if c.function.cache and c.result_key in stored and c.node.key not in redo},
+            )  # fmt: skip
+            reused = {
+                c.index: Returned(c.index, *hits[c.result_key], cached=True)
+                for c in calls
+                if c.function.cache and c.result_key in hits
+            }
+            # A recomputed node's stored results are superseded by the new values (one more
+            # batched round, only when something is recomputed).
+            superseded = (
+                self.store.generations(
+                    c.result_key for c in calls if c.node.key in redo and c.result_key in stored
+                )
+                if redo
+                else {}
             )
-            if redo
-            else {}
-        )
-        to_run = [
-            replace(
-                c,
-                save=c.result_key not in stored or c.result_key in superseded,
-                replaces=superseded.get(c.result_key),
-            )
-            for c in calls
-            if c.index not in reused
-        ]
+            to_run = [
+                replace(
+                    c,
+                    save=c.result_key not in stored or c.result_key in superseded,
+                    replaces=superseded.get(c.result_key),
+                )
+                for c in calls
+                if c.index not in reused
+            ]
         terms = LeaseTerms(f"{host()}:{os.getpid()}:{uuid.uuid4().hex}",
                            lease_seconds, wait_timeout)  # fmt: skip
         outcomes, ran = execute(plan, to_run, self._ref, tags, terms, scheduler, progress)
@@ -342,17 +345,18 @@ class Experiment:
                 failures.append(
                     _describe_failure(f"{call.function.name} on", call.promise, returned_or_not)
                 )
-        report = RunReport(
-            executed=tuple(k for k, o in outcomes.items() if isinstance(o, Done)),
-            cached=tuple(n.key for n in nodes if n.key in plan.cached),
-            waited=tuple(k for k, o in outcomes.items() if isinstance(o, Waited)),
-            failed=tuple(k for k, o in outcomes.items() if isinstance(o, Failed)),
-            skipped=tuple(k for k, o in outcomes.items() if isinstance(o, Skipped)),
-            results=tuple(results),
-            timings={k: o.seconds for k, o in outcomes.items() if isinstance(o, Done)},
-            seconds=time.perf_counter() - start,
-        )
-        self._record_run(report, outcomes)
+        with collection_paused():
+            report = RunReport(
+                executed=tuple(k for k, o in outcomes.items() if isinstance(o, Done)),
+                cached=tuple(n.key for n in nodes if n.key in plan.cached),
+                waited=tuple(k for k, o in outcomes.items() if isinstance(o, Waited)),
+                failed=tuple(k for k, o in outcomes.items() if isinstance(o, Failed)),
+                skipped=tuple(k for k, o in outcomes.items() if isinstance(o, Skipped)),
+                results=tuple(results),
+                timings={k: o.seconds for k, o in outcomes.items() if isinstance(o, Done)},
+                seconds=time.perf_counter() - start,
+            )
+            self._record_run(report, outcomes)
         self._graph = None
         if failures:
             more = f" (and {len(failures) - 1} more failures)" if len(failures) > 1 else ""

@@ -7,19 +7,18 @@ Order is deterministic: depth-first from the roots, children in the order they w
 from __future__ import annotations
 
 import fnmatch
-import gc
 import importlib
 import os
 import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, overload
 
 import dagger_store as ds
 from dagger_orchestrate.persist import load_state
 from dagger_orchestrate.state import ExperimentState
+from dagger_store.gcpause import collection_paused
 from dagger_store.records import read_records
 
 if TYPE_CHECKING:
@@ -201,7 +200,7 @@ class Graph:
         *,
         strict: bool = False,
     ) -> Graph:
-        with _collection_paused():
+        with collection_paused():
             definitions = read_records(store, experiment, "def", strict=strict)
             if state_class is None:
                 state_class = _recorded_state_class(store, definitions)
@@ -403,23 +402,6 @@ class Graph:
             stem, ext = os.path.splitext(path)
             dot.render(stem, format=ext.lstrip(".") or "svg", cleanup=True)
         return dot
-
-
-@contextmanager
-def _collection_paused() -> Iterator[None]:
-    """The garbage collector paused, then back as it was.
-
-    Reading and linking a graph allocates several containers a node and frees none: every
-    automatic collection that triggers finds nothing to free, yet rescans the whole heap (with a
-    big experiment loaded, most of a slim restore's time).
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _preorder(root: GraphNode) -> Iterator[GraphNode]:

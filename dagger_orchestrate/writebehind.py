@@ -56,6 +56,12 @@ GATHER_SECONDS = 0.02
 PENDING_BYTES = 32 * 2**20
 # Written objects at most this large stay in memory while a node to be read names them.
 RETAIN_SMALL = 64 * 2**10
+# Written regions stay in memory, while a node to be read names them, up to this many bytes in
+# all (at least one always may): a data set carried down a tree and the root's model, say.
+# Beyond it they are dropped once written, and read back from the store (the page cache): in a
+# wide tree whose scheduler computes many siblings before their children, every one of them
+# is held for its children at once.
+RETAIN_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +95,8 @@ class WriteBehind:
         self._held: dict[ds.NodeKey, tuple[ds.Manifest, frozenset[str]]] = {}
         self._holding: dict[ds.NodeKey, frozenset[str]] = {}  # held node -> the blobs it names
         self._holders: Counter[str] = Counter()  # blob key -> held nodes naming it
+        self._kept: set[str] = set()  # written objects still in memory (``_retained``)
+        self._kept_bytes = 0
         self._unchanged: set[str] = set()  # blob keys a node named without staging them
         self._readers = Counter(readers)
         self._queue: list[Staged] = []
@@ -135,7 +143,7 @@ class WriteBehind:
                 if self._holders[name] <= 0:
                     del self._holders[name]
                     if name in self._written:
-                        self._memory.pop(name, None)
+                        self._drop(name)
 
     def lease_later(self, node: NodeSpec) -> bool:
         """Whether the lease on ``node`` is left to the writer, which takes it right after it
@@ -196,7 +204,9 @@ class WriteBehind:
                 self._holding[key] = staged.named
                 self._holders.update(staged.named)
                 for name, data in staged.kept.items():  # its lent regions, for its readers
-                    self._memory.setdefault(name, data)
+                    if name not in self._memory and self._may_keep(len(data)):
+                        self._memory[name] = data
+                        self._keep(name)
             self.known.update(staged.objects)
             self._unchanged.update(staged.named.difference(staged.objects))
             self._queue.append(staged)
@@ -232,18 +242,36 @@ class WriteBehind:
                 with self._lock:
                     for staged in group:
                         for name in staged.objects:
-                            if not self._retained(name):
-                                self._memory.pop(name, None)
+                            if self._retained(name):
+                                self._keep(name)
+                            else:
+                                self._drop(name)
                         self._pending -= sum(len(data) for data in staged.objects.values())
                     self._lock.notify_all()
 
     def _retained(self, name: str) -> bool:
         """Whether a written object stays in memory (under the lock): a node still to be read
-        names it, and it is a region's or small."""
+        names it, and it is small, or a region's within ``RETAIN_BYTES``."""
         data = self._memory.get(name)
-        if data is None or self._holders[name] <= 0:
-            return False
-        return isinstance(data, RawLeaf) or len(data) <= RETAIN_SMALL
+        if data is None or self._holders[name] <= 0 or name in self._kept:
+            return name in self._kept
+        if isinstance(data, RawLeaf):
+            return self._may_keep(len(data))
+        return len(data) <= RETAIN_SMALL
+
+    def _may_keep(self, size: int) -> bool:
+        return not self._kept_bytes or self._kept_bytes + size <= RETAIN_BYTES
+
+    def _keep(self, name: str) -> None:
+        if name not in self._kept:
+            self._kept.add(name)
+            self._kept_bytes += len(self._memory[name])
+
+    def _drop(self, name: str) -> None:
+        data = self._memory.pop(name, None)
+        if name in self._kept:
+            self._kept.discard(name)
+            self._kept_bytes -= len(data) if data is not None else 0
 
     def _lease_children(self, group: list[Staged]) -> None:
         """Take the leases ``lease_later`` left here, of the children of nodes just written

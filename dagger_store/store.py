@@ -80,6 +80,7 @@ from dagger_store.errors import (
     UntrustedError,
 )
 from dagger_store.framing import HEADER_SIZE, Compressor, Framing
+from dagger_store.gcpause import collection_paused
 from dagger_store.keys import NodeKey
 from dagger_store.layout import (
     BLOBS,
@@ -733,7 +734,9 @@ class Store:
         keys = list(keys)
         for key in keys:
             _check_node_key(key)
-        manifests = {k: m for k, m in self._newest_manifests(keys).items() if m is not None}
+        with collection_paused():  # thousands of manifests decoded, none freed
+            newest = self._newest_manifests(keys)
+        manifests = {k: m for k, m in newest.items() if m is not None}
         digests = sorted(
             {d for m in manifests.values() for d in m.blobs.values()}, key=lambda d: d.hex
         )

@@ -127,6 +127,23 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
+@pytest.fixture
+def hashed_leaves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every leaf the store hashes during the test, in order (the real hashing,
+    counted)."""
+    from dagger_store import store as store_module
+
+    sizes: list[int] = []
+    real = store_module.leaf_digest
+
+    def counting(leaf: memoryview) -> Any:
+        sizes.append(len(leaf))
+        return real(leaf)
+
+    monkeypatch.setattr(store_module, "leaf_digest", counting)
+    return sizes
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """dagger's per-user cache (file hashes, gc marks) in a temp folder, never the user's."""

@@ -19,7 +19,6 @@ import pytest
 
 import dagger_store as ds
 from dagger_store import resident
-from dagger_store import store as store_module
 from dagger_store.digest import blob_digest
 from dagger_store.layout import blob_key
 from dagger_store.staging import RawLeaf
@@ -47,7 +46,7 @@ def _staged_put(store: ds.Store, value: object, known: set[str] | None = None): 
 
 
 def test_a_staged_array_is_lent_copy_on_write_and_put_back_unchanged_without_hashing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, hashed_leaves: list[int]
 ) -> None:
     store = _open(tmp_path)
     original = _array()
@@ -60,16 +59,9 @@ def test_a_staged_array_is_lent_copy_on_write_and_put_back_unchanged_without_has
     array = np.frombuffer(lent, dtype=np.float64)
     assert array.flags.writeable and np.array_equal(array, original)
 
-    hashed: list[int] = []
-    real = store_module.leaf_digest
-
-    def counting(leaf: memoryview) -> ds.Digest:
-        hashed.append(len(leaf))
-        return real(leaf)
-
-    monkeypatch.setattr(store_module, "leaf_digest", counting)
+    hashed_leaves.clear()
     again, second = _staged_put(store, array, known=set(stage.objects))
-    assert again == digest and hashed == []  # named again, not a byte hashed
+    assert again == digest and hashed_leaves == []  # named again, not a byte hashed
     assert second.objects == {} and set(stage.objects) <= second.named
 
 

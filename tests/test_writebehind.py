@@ -17,8 +17,8 @@ import pytest
 
 import dagger_orchestrate as dg
 import dagger_store as ds
+from dagger_orchestrate import writebehind
 from dagger_store import resident
-from dagger_store import store as store_module
 from dagger_store.backends.base import Buffer
 from dagger_store.backends.memory import MemoryBackend
 from dagger_store.framing import Framing, read_header
@@ -254,16 +254,8 @@ def _expected(seed: int, fits: list[tuple[float, int]]) -> dict[str, np.ndarray]
 
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])
 def test_siblings_changing_a_lent_data_set_in_place_never_see_each_others_changes(
-    tmp_path: Path, scheduler: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, scheduler: str, hashed_leaves: list[int]
 ) -> None:
-    hashed: list[int] = []
-    real = store_module.leaf_digest
-
-    def counting(leaf: memoryview) -> ds.Digest:
-        hashed.append(len(leaf))
-        return real(leaf)
-
-    monkeypatch.setattr(store_module, "leaf_digest", counting)
     exp = dg.Experiment(tmp_path / "exp", state_class=Carried)
     root = exp.spawn_new_tree(seed=5)
     first = Fit(rate=0.5, poke=-1)(root)
@@ -289,6 +281,27 @@ def test_siblings_changing_a_lent_data_set_in_place_never_see_each_others_change
         # it as a copy (the first Fit, and the pokers' children: what a node's parent made
         # is copied, until a node has passed it on unchanged). The two nodes that carried a
         # lent data set unchanged named it without hashing it.
-        data_hashes = sum(1 for size in hashed if size == 8 * 2**20)
-        assert data_hashes == 1 + 3 + 1 + 3, hashed
+        data_hashes = sum(1 for size in hashed_leaves if size == 8 * 2**20)
+        assert data_hashes == 1 + 3 + 1 + 3, hashed_leaves
+    assert fresh.store.verify().problems == ()
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_beyond_the_retention_budget_children_read_their_parents_from_the_store(
+    tmp_path: Path, scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A budget of one region: the others are dropped once written, and read back verified.
+    monkeypatch.setattr(writebehind, "RETAIN_BYTES", 2 * 2**20)
+    exp = dg.Experiment(tmp_path / "exp", state_class=Carried)
+    root = exp.spawn_new_tree(seed=9)
+    plans = {}
+    for i in range(6):
+        child = Fit(rate=0.1 * (i + 1), poke=i % 2 * i)(root)
+        plans[Fit(rate=0.2, poke=-1)(child).key] = [(0.1 * (i + 1), i % 2 * i), (0.2, -1)]
+    assert len(exp.run(scheduler, progress=False).executed) == 13
+    fresh = dg.Experiment(tmp_path / "exp", state_class=Carried)
+    for key, fits in plans.items():
+        stored, expected = _stored(fresh, key), _expected(9, fits)
+        assert np.array_equal(stored["data"], expected["data"]), key
+        assert np.array_equal(stored["model"], expected["model"]), key
     assert fresh.store.verify().problems == ()

@@ -31,7 +31,13 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from dagger_store.backends.base import Buffer, Entry, check_key, fill
-from dagger_store.errors import BackendError, InvalidKeyError, NotFoundError, StoreOpenError
+from dagger_store.errors import (
+    BackendError,
+    InvalidKeyError,
+    NotFoundError,
+    StoreError,
+    StoreOpenError,
+)
 from dagger_store.layout import MARKER
 
 _TMP = ".tmp"
@@ -84,18 +90,22 @@ class LocalBackend:
     def _translated(self, key: str) -> Iterator[None]:
         try:
             yield
-        except (FileNotFoundError, NotADirectoryError) as exc:
+        except OSError as exc:
+            raise self._error(key, exc) from exc
+
+    def _error(self, key: str, exc: OSError) -> StoreError:
+        """The store's error for an OSError on ``key``."""
+        if isinstance(exc, FileNotFoundError | NotADirectoryError):
             # NotADirectoryError: a folder on the key's path is a file (the root, say), so the
             # key is not there either.
-            raise NotFoundError(f"no such key {key!r} in {self.url}", key=key) from exc
-        except PermissionError as exc:
-            raise BackendError(
+            return NotFoundError(f"no such key {key!r} in {self.url}", key=key)
+        if isinstance(exc, PermissionError):
+            return BackendError(
                 f"permission denied on {key!r} in {self.url}: {exc.strerror}; check the owner "
                 "and mode of the store folder",
                 key=key,
-            ) from exc
-        except OSError as exc:
-            raise BackendError(f"{self.url} failed on {key!r}: {exc}", key=key) from exc
+            )
+        return BackendError(f"{self.url} failed on {key!r}: {exc}", key=key)
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
@@ -107,12 +117,14 @@ class LocalBackend:
 
     def read(self, key: str) -> bytes:
         name = self._name(key)
-        with self._translated(key):
+        try:  # not ``_translated``: a warm run reads a manifest per node, a context each
             fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             try:
                 return _read_all(fd)
             finally:
                 os.close(fd)
+        except OSError as exc:
+            raise self._error(key, exc) from exc
 
     def read_into(self, key: str, offset: int, out: memoryview) -> int:
         path = self._path(key)
