@@ -252,11 +252,18 @@ def _expected(seed: int, fits: list[tuple[float, int]]) -> dict[str, np.ndarray]
     return {"data": state.data, "model": state.model}
 
 
+@pytest.mark.parametrize("where", ["folder", "s3"])
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])
 def test_siblings_changing_a_lent_data_set_in_place_never_see_each_others_changes(
-    tmp_path: Path, scheduler: str, hashed_leaves: list[int]
+    tmp_path: Path, scheduler: str, where: str, hashed_leaves: list[int], request: Any
 ) -> None:
-    exp = dg.Experiment(tmp_path / "exp", state_class=Carried)
+    location: dict[str, Any] = {}
+    if where == "s3":  # the staged regions written through s3fs to a real S3 server
+        location = {
+            "store": request.getfixturevalue("s3_url"),
+            "storage_options": request.getfixturevalue("s3_storage_options"),
+        }
+    exp = dg.Experiment(tmp_path / "exp", state_class=Carried, **location)
     root = exp.spawn_new_tree(seed=5)
     first = Fit(rate=0.5, poke=-1)(root)
     plans = {first.key: [(0.5, -1)]}
@@ -267,7 +274,8 @@ def test_siblings_changing_a_lent_data_set_in_place_never_see_each_others_change
         grandchild = Fit(rate=0.3, poke=-1)(child)
         plans[grandchild.key] = plans[child.key] + [(0.3, -1)]
     assert len(exp.run(scheduler, progress=False).executed) == 10
-    fresh = dg.Experiment(tmp_path / "exp", state_class=Carried)  # reads the store, verified
+    # Another Experiment reads the store, verified.
+    fresh = dg.Experiment(tmp_path / "exp", state_class=Carried, **location)
     data_digests = set()
     for key, fits in plans.items():
         stored = _stored(fresh, key)
