@@ -21,9 +21,9 @@ Where any part of this is missing (not Linux, no memfd sealing, a pagemap that i
 or does not behave as the self-test at first use expects), ``available()`` is False and the
 store copies and hashes as before. ``DAGGER_RESIDENT=0`` turns it off.
 
-Each region holds a file descriptor, and each lent mapping one more (Python's mmap keeps one):
-at most ``MAX_REGIONS`` regions and ``MAX_LENT`` mappings are alive at once; beyond them the
-store copies, as without this module.
+Each region holds two file descriptors (its own, and its read-only mapping's: Python's mmap
+keeps one), and each lent mapping one more: at most ``MAX_REGIONS`` regions and ``MAX_LENT``
+mappings are alive at once; beyond them the store copies, as without this module.
 """
 
 from __future__ import annotations
@@ -99,10 +99,7 @@ class Region:
 
     def seal(self, digest: Digest, leaves: Sequence[Digest]) -> None:
         """No byte may change from here on; the region holds the blob ``digest``."""
-        seals = 0
-        for name in _SEALS:
-            seals |= getattr(fcntl, name)
-        fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, seals)
+        fcntl.fcntl(self._fd, fcntl.F_ADD_SEALS, _seal_flags())
         # Mapped (a shared mapping, even read-only, would have stopped the seal) and
         # populated: the region's memory counts in the process's resident size (VmRSS) from
         # here for as long as it lives, as a copy's would; only while it is filled does not.
@@ -189,6 +186,13 @@ def pristine(view: memoryview) -> Region | None:
     return lent.region if _unwritten(address, view.nbytes) else None
 
 
+def _seal_flags() -> int:
+    flags = 0
+    for name in _SEALS:
+        flags |= getattr(fcntl, name)
+    return flags
+
+
 def _address(view: memoryview) -> int:
     """The address of a writable buffer's first byte."""
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
@@ -237,10 +241,7 @@ def _self_test() -> bool:
     try:
         os.ftruncate(fd, _PAGE)
         os.pwrite(fd, b"\x01" * _PAGE, 0)
-        seals = 0
-        for name in _SEALS:
-            seals |= getattr(fcntl, name)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _seal_flags())
         mapped = mmap.mmap(fd, _PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         try:
             view = memoryview(mapped)
