@@ -29,7 +29,6 @@ mappings are alive at once; beyond them the store copies, as without this module
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import mmap
 import os
@@ -37,8 +36,15 @@ import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from dagger_store.digest import Digest
+
+fcntl: Any
+try:
+    import fcntl
+except ImportError:  # Windows: no sealed memory files, so no regions
+    fcntl = None
 
 # Blobs at least this large are made resident: below it a copy costs less than a mapping.
 RESIDENT_FROM = 1024 * 1024
@@ -228,7 +234,9 @@ def available() -> bool:
     (a sealed page, lent out, reads as unwritten until written, then as written)."""
     if os.environ.get("DAGGER_RESIDENT", "1") == "0":
         return False
-    if not hasattr(os, "memfd_create") or not all(hasattr(fcntl, s) for s in _SEALS):
+    if not hasattr(os, "memfd_create") or not all(
+        hasattr(fcntl, s) for s in (*_SEALS, "F_ADD_SEALS")
+    ):
         return False
     try:
         return _self_test()
