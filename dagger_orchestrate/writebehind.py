@@ -47,8 +47,10 @@ from dagger_orchestrate.outcomes import Done, Failed, Skipped, portable
 from dagger_orchestrate.plan import NodeSpec
 from dagger_store.staging import RawLeaf, StagedObject
 
-# How long the writer lets submissions gather before it writes them as one group.
+# How long the writer lets submissions gather before it writes them as one group, while they
+# hold fewer bytes than GATHER_UP_TO.
 GATHER_SECONDS = 0.02
+GATHER_UP_TO = 8 * 2**20
 # Bytes staged and not yet written that a submission may add to before it waits for the
 # writer; one node larger than this waits until nothing else is pending. Memory then stays
 # within about three states (the one computing, its parent held for reading, one being
@@ -229,8 +231,13 @@ class WriteBehind:
                 while not self._queue and not self._closing:
                     self._lock.wait()
                 # A moment for more to come (a group's flush costs about what one object's
-                # does), unless a task waits for what is queued.
-                self._lock.wait_for(lambda: self._closing or self._waiting, GATHER_SECONDS)
+                # does), unless a task waits for what is queued, or what is queued is large:
+                # its flush then costs by the byte, not by the group, and another large node
+                # could not join it without waiting for it (``PENDING_BYTES``).
+                self._lock.wait_for(
+                    lambda: self._closing or self._waiting or self._pending >= GATHER_UP_TO,
+                    GATHER_SECONDS,
+                )
                 group, self._queue = self._queue, []
             if not group:
                 return
