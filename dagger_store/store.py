@@ -42,6 +42,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -50,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -58,6 +59,7 @@ from dagger_store import framing
 from dagger_store.backends.base import (
     Backend,
     Buffer,
+    SupportsIdentity,
     SupportsReadInto,
     SupportsWriteMany,
     refresh,
@@ -72,6 +74,7 @@ from dagger_store.digest import (
     tree_digest,
 )
 from dagger_store.errors import (
+    FormatError,
     IncompleteManifestError,
     IntegrityError,
     InvalidKeyError,
@@ -91,6 +94,7 @@ from dagger_store.layout import (
     manifest_node,
 )
 from dagger_store.manifest import Frame, Manifest
+from dagger_store.manifestmemo import ManifestMemo
 from dagger_store.resident import RESIDENT_FROM, Region, pristine
 from dagger_store.signing import LabKey, Signatures
 from dagger_store.staging import RawLeaf, Stage, StagedObject, copy_var, memory_var, stage_var
@@ -105,6 +109,8 @@ _SLICES_PER_WORKER = 4
 # item may take for the rest to stay in that thread (seconds).
 _PROBE_ITEMS = 32
 _INLINE_BELOW_S = 100e-6
+# Questions about at least this many manifests are remembered between runs (``manifestmemo``).
+_MEMO_FROM = 256
 # A staged copy at least this large gets memory of its own (``_staged_copy``).
 _MAPPED_ABOVE = 1024 * 1024
 
@@ -810,21 +816,31 @@ class Store:
             raise NotFoundError(f"no manifest for node {key} in {self.url}", key=path) from exc
         return self._checked_manifest(key, path, data)
 
-    def _checked_manifest(self, key: NodeKey, path: str, data: bytes) -> Manifest:
+    def _checked_manifest(
+        self, key: NodeKey, path: str, data: bytes, seen: Callable[[bytes], None] | None = None
+    ) -> Manifest:
         """The manifest stored as ``data`` at ``path``, for ``key``: frame, then signature,
-        then payload."""
+        then payload (handed to ``seen`` once it decoded)."""
         frame = Frame.parse(data, key=path)
         self._signatures.check(key, frame, self.url)  # before a byte of the payload is decoded
-        return Manifest.from_payload(frame.payload, key=path, trusted=self._trusted)
+        manifest = Manifest.from_payload(frame.payload, key=path, trusted=self._trusted)
+        if seen is not None:
+            seen(frame.payload)
+        return manifest
 
     def _trusted_manifest_or_none(
-        self, key: NodeKey, generation: int = 0, data: bytes | None = None
+        self,
+        key: NodeKey,
+        generation: int = 0,
+        data: bytes | None = None,
+        seen: Callable[[bytes], None] | None = None,
     ) -> Manifest | None:
         """``_read_manifest`` (of ``data``, when read already), None when it is untrusted."""
         try:
             if data is None:
                 return self._read_manifest(key, generation)
-            return self._checked_manifest(key, manifest_generation_key(key, generation), data)
+            path = manifest_generation_key(key, generation)
+            return self._checked_manifest(key, path, data, seen)
         except UntrustedError as exc:
             logger.warning("not a cache hit: %s", exc)
             return None
@@ -843,23 +859,58 @@ class Store:
         pages on S3) where reading absent ones would cost one request each.
         """
         held: dict[NodeKey, bytes] = {}
+        remembered: dict[NodeKey, bytes] = {}  # generation 0 payloads, from the memo
+        identity: dict[NodeKey, tuple[int, ...]] = {}
+        memo = self._manifest_memo(keys)
         if self.backend.remote:
             newest = self._newest_generations(keys)
         else:
+            to_read = list(keys)
+            if memo is not None and isinstance(self.backend, SupportsIdentity):
+                names = [manifest_generation_key(k, 0) for k in keys]
+                ids = self.backend.identities(names)
+                identity = {k: i for k, i in zip(keys, ids, strict=True) if i is not None}
+                for key, name in zip(keys, names, strict=True):
+                    if key in identity and (payload := memo.payload(name, identity[key])):
+                        remembered[key] = payload
+                to_read = [k for k in identity if k not in remembered]
             read = self._map_sliced(
-                lambda k: self._object_or_none(manifest_generation_key(k, 0)), keys
+                lambda k: self._object_or_none(manifest_generation_key(k, 0)), to_read
             )
-            held = {k: data for k, data in zip(keys, read, strict=True) if data is not None}
-            names = [manifest_generation_key(k, 1) for k in held]
-            later = [k for k, p in zip(held, self.backend.exists_many(names), strict=True) if p]
-            newest = dict.fromkeys(held, 0) | self._generations_beyond(later, 1)
+            held = {k: data for k, data in zip(to_read, read, strict=True) if data is not None}
+            present = [*remembered, *held]
+            names = [manifest_generation_key(k, 1) for k in present]
+            asked = self.backend.exists_many(names)
+            later = [k for k, p in zip(present, asked, strict=True) if p]
+            newest = dict.fromkeys(present, 0) | self._generations_beyond(later, 1)
         found = list(newest)
 
         def checked(key: NodeKey) -> Manifest | None:
-            data = held.get(key) if newest[key] == 0 else None
-            return self._trusted_manifest_or_none(key, newest[key], data)
+            generation = newest[key]
+            path = manifest_generation_key(key, generation)
+            if generation == 0 and key in remembered:
+                with suppress(FormatError):  # a memo gone bad: the store's own copy decides
+                    return Manifest.from_payload(remembered[key], key=path, trusted=self._trusted)
+            seen = None
+            if memo is not None and generation == 0 and key in identity:
+                seen = functools.partial(memo.remember, path, identity[key])
+            data = held.get(key) if generation == 0 else None
+            return self._trusted_manifest_or_none(key, generation, data, seen)
 
-        return dict(zip(found, self._map_sliced(checked, found), strict=True))
+        manifests = dict(zip(found, self._map_sliced(checked, found), strict=True))
+        if memo is not None:
+            memo.save()
+        return manifests
+
+    def _manifest_memo(self, keys: Sequence[NodeKey]) -> ManifestMemo | None:
+        """This machine's memo of the manifests of ``keys`` (``manifestmemo.py``), where the
+        backend can tell when an object was replaced, manifests are not signed, and the
+        question is large enough for a file to pay."""
+        if len(keys) < _MEMO_FROM or not isinstance(self.backend, SupportsIdentity):
+            return None
+        if self.signs or self.require_signatures:
+            return None
+        return ManifestMemo.load(self.url, (k.hex for k in keys))
 
     def _object_or_none(self, name: str) -> bytes | None:
         try:

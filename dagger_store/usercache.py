@@ -1,8 +1,8 @@
 """The user's dagger cache folder on this machine, and how a file in it is replaced.
 
 Everything kept there is a cache: file hashes (``content.py``), what manifests name
-(``marks.py``), read-through copies of remote stores (``open.py``'s ``cache_dir``). Losing any
-of it costs time, never correctness.
+(``marks.py``), manifests read (``manifestmemo.py``), read-through copies of remote stores
+(``open.py``'s ``cache_dir``). Losing any of it costs time, never correctness.
 """
 
 from __future__ import annotations

@@ -120,6 +120,16 @@ class SupportsReadInto(Protocol):
 
 
 @runtime_checkable
+class SupportsIdentity(Protocol):
+    """A backend whose objects can say when they were replaced (``manifestmemo.py``)."""
+
+    def identities(self, keys: Sequence[str]) -> list[tuple[int, ...] | None]:
+        """Per key, a value that changes whenever the object there is deleted and written
+        again (a file's inode, size, modification and change times); None where absent."""
+        ...
+
+
+@runtime_checkable
 class SupportsCreate(Protocol):
     """A backend whose location itself must be made before anything is written there (a local
     folder). Opening a backend never creates anything: ``create`` is called by whoever is about

@@ -126,6 +126,19 @@ class LocalBackend:
         except OSError as exc:
             raise self._error(key, exc) from exc
 
+    def identities(self, keys: Sequence[str]) -> list[tuple[int, ...] | None]:
+        found: list[tuple[int, ...] | None] = []
+        for key in keys:
+            try:
+                stat = os.stat(self._name(key))
+            except (FileNotFoundError, NotADirectoryError):
+                found.append(None)
+                continue
+            except OSError as exc:
+                raise self._error(key, exc) from exc
+            found.append((stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+        return found
+
     def read_into(self, key: str, offset: int, out: memoryview) -> int:
         path = self._path(key)
         with self._translated(key), open(path, "rb", buffering=0) as f:
