@@ -14,11 +14,11 @@ was remembered, and it is used only for a file with exactly that identity. It is
 only once the file is ``SETTLE_NS`` old by this host's clock, so a file deleted and written
 again at the same path after it was remembered has later times (unless the storage's clock
 is behind this host's by more than that). On NFS a client may answer a ``stat`` from its
-attribute cache for a few seconds (``actimeo``): a manifest a colleague's collection deleted and
-their run committed again within that time may be answered as it was. It is a planning answer
-only (cached or not, stale code or not); loading a state reads the manifest from the store. Stores that sign manifests are not served from
-here (a lab key or a signature requirement may change between runs; the check stays with
-the reader).
+attribute cache for a few seconds (``actimeo``): a manifest that a colleague's collection
+deleted and their run committed again within that time may be answered as it was. It is a
+planning answer only (cached or not, stale code or not); loading a state reads the manifest
+from the store. Stores that sign manifests are not served from here (a lab key or a
+signature requirement may change between runs; the check stays with the reader).
 
 Kept in the user's cache folder (``$DAGGER_CACHE_DIR``, else ``~/.cache/dagger``), one file
 per question: a store URL and the exact set of node keys asked about (a re-run asks the same
