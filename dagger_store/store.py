@@ -856,7 +856,10 @@ class Store:
         about, so a generation 0 read is the newest when none is found; it is decoded only then
         (a superseded one may be corrupt or untrusted: that is not this run's concern). On a
         remote one, the existence round answers for many keys in a few requests (LIST
-        pages on S3) where reading absent ones would cost one request each.
+        pages on S3) where reading absent ones would cost one request each. Where the backend
+        can tell an object's identity (a folder), a question about many keys first asks this
+        machine's memo (``manifestmemo.py``): a stat a manifest instead of a read and a
+        checksum, for those whose file is the one remembered.
         """
         held: dict[NodeKey, bytes] = {}
         remembered: dict[NodeKey, bytes] = {}  # generation 0 payloads, from the memo
