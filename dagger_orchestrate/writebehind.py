@@ -80,6 +80,21 @@ class Staged:
     replaces: int | None = None
     kept: Mapping[str, StagedObject] = field(default_factory=dict)
 
+    @property
+    def size(self) -> int:
+        """Bytes of the objects it staged (what waits for the writer)."""
+        return sum(len(data) for data in self.objects.values())
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """A node held for its readers: its manifest, the blobs it staged (its children copy
+    them, see ``parent``), and every blob it names (kept in memory for them)."""
+
+    manifest: ds.Manifest
+    produced: frozenset[str]
+    named: frozenset[str]
+
 
 class WriteBehind:
     """One run's writer (see the module docstring). ``readers``: how many tasks of the run
@@ -93,9 +108,7 @@ class WriteBehind:
         self.known: set[str] = set()
         self._written: set[str] = set()
         self._memory: dict[str, StagedObject] = {}
-        # Held node -> its manifest and the blobs its children copy rather than map.
-        self._held: dict[ds.NodeKey, tuple[ds.Manifest, frozenset[str]]] = {}
-        self._holding: dict[ds.NodeKey, frozenset[str]] = {}  # held node -> the blobs it names
+        self._held: dict[ds.NodeKey, _Held] = {}  # nodes with readers to come
         self._holders: Counter[str] = Counter()  # blob key -> held nodes naming it
         self._kept: set[str] = set()  # written objects still in memory (``_retained``)
         self._kept_bytes = 0
@@ -132,15 +145,16 @@ class WriteBehind:
             held = self._held.get(key)
             if held is None:
                 return None
-            return held[0], self._memory, held[1] - self._unchanged
+            return held.manifest, self._memory, held.produced - self._unchanged
 
     def read(self, key: ds.NodeKey) -> None:
         """One of the readers of ``key`` has read it (or will not)."""
         with self._lock:
             self._readers[key] -= 1
-            if self._readers[key] > 0 or self._held.pop(key, None) is None:
+            held = self._held.pop(key, None) if self._readers[key] <= 0 else None
+            if held is None:
                 return
-            for name in self._holding.pop(key):
+            for name in held.named:
                 self._holders[name] -= 1
                 if self._holders[name] <= 0:
                     del self._holders[name]
@@ -192,7 +206,7 @@ class WriteBehind:
 
     def submit(self, staged: Staged) -> None:
         key = staged.node.key
-        size = sum(len(data) for data in staged.objects.values())
+        size = staged.size
         with self._lock:
             self._lock.wait_for(
                 lambda: not self._pending or self._pending + size <= max(PENDING_BYTES, size)
@@ -202,8 +216,7 @@ class WriteBehind:
             for name, data in staged.objects.items():
                 self._memory.setdefault(name, data)  # until written
             if self._readers[key] > 0:
-                self._held[key] = (staged.manifest, frozenset(staged.objects))
-                self._holding[key] = staged.named
+                self._held[key] = _Held(staged.manifest, frozenset(staged.objects), staged.named)
                 self._holders.update(staged.named)
                 for name, data in staged.kept.items():  # its lent regions, for its readers
                     if name not in self._memory and self._may_keep(len(data)):
@@ -253,15 +266,17 @@ class WriteBehind:
                                 self._keep(name)
                             else:
                                 self._drop(name)
-                        self._pending -= sum(len(data) for data in staged.objects.values())
+                        self._pending -= staged.size
                     self._lock.notify_all()
 
     def _retained(self, name: str) -> bool:
         """Whether a written object stays in memory (under the lock): a node still to be read
         names it, and it is small, or a region's within ``RETAIN_BYTES``."""
+        if name in self._kept:
+            return True
         data = self._memory.get(name)
-        if data is None or self._holders[name] <= 0 or name in self._kept:
-            return name in self._kept
+        if data is None or self._holders[name] <= 0:
+            return False
         if isinstance(data, RawLeaf):
             return self._may_keep(len(data))
         return len(data) <= RETAIN_SMALL

@@ -130,13 +130,14 @@ class LocalBackend:
         found: list[tuple[int, ...] | None] = []
         for key in keys:
             try:
-                stat = os.stat(self._name(key))
-            except (FileNotFoundError, NotADirectoryError):
-                found.append(None)
-                continue
+                stat = _stat_or_none(self._name(key))
             except OSError as exc:
                 raise self._error(key, exc) from exc
-            found.append((stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+            found.append(
+                None
+                if stat is None
+                else (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+            )
         return found
 
     def read_into(self, key: str, offset: int, out: memoryview) -> int:
@@ -407,11 +408,15 @@ def _listed(folder: str) -> set[str]:
 
 def _exists(name: str) -> bool:
     # Path.exists, for a str: absent is False, any other failure (permission) is raised.
+    return _stat_or_none(name) is not None
+
+
+def _stat_or_none(name: str) -> os.stat_result | None:
+    """The file's stat; None if it is absent (or a folder on its path is a file)."""
     try:
-        os.stat(name)
+        return os.stat(name)
     except (FileNotFoundError, NotADirectoryError):
-        return False
-    return True
+        return None
 
 
 def _linked(tmp: str, path: Path) -> bool:
