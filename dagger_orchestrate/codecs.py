@@ -40,6 +40,7 @@ import msgpack
 import numpy as np
 
 import dagger_store as ds
+from dagger_orchestrate import recycled
 from dagger_store.content import Dir, File, described, from_description
 from dagger_store.plain import is_plain
 
@@ -405,7 +406,7 @@ def _fresh_array(
     mapped = store.get_private(digest)
     if mapped is not None:
         return np.frombuffer(mapped, dtype=np.dtype(dtype)).reshape(shape)
-    array = np.empty(shape, dtype=np.dtype(dtype))
+    array = recycled.empty(shape, np.dtype(dtype))
     store.get_into(digest, array)
     return array
 

@@ -128,6 +128,31 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
+def small_ext4(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB ext4 file system in a file, loop-mounted for this test (root only): a local
+    disk on which the store writes large objects around the page cache (directio.py)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("loop-mounting a small ext4 needs root")
+    image, folder = tmp_path / "disk.ext4", tmp_path / "ext4"
+    folder.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(24 << 20)
+    for command in (
+        ["mkfs.ext4", "-q", "-F", "-m", "0", str(image)],  # -m 0: root may not write more
+        ["mount", "-o", "loop", str(image), str(folder)],
+    ):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot {command[0]} here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.fixture
 def hashed_leaves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The size of every leaf the store hashes during the test, in order (the real hashing,
     counted)."""

@@ -391,10 +391,15 @@ def fill(folder: Path, leave: int) -> Path:
     return filler
 
 
-def test_a_full_disk_is_a_clear_error_and_nothing_partial(small_tmpfs: Path) -> None:
-    store = ds.open_store(small_tmpfs / "store")
+@pytest.mark.parametrize("disk", ["small_tmpfs", "small_ext4"])
+def test_a_full_disk_is_a_clear_error_and_nothing_partial(
+    disk: str, request: pytest.FixtureRequest
+) -> None:
+    """On tmpfs the value is written through the page cache; on ext4, around it (directio)."""
+    folder: Path = request.getfixturevalue(disk)
+    store = ds.open_store(folder / "store")
     kept = store.put(b"before the disk filled")
-    filler = fill(small_tmpfs, leave=64 * 1024)
+    filler = fill(folder, leave=64 * 1024)
     value = np.random.default_rng(1).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
     with pytest.raises(ds.BackendError, match=r"(?i)no space|full") as caught:
         store.put(value)
@@ -408,6 +413,7 @@ def test_a_full_disk_is_a_clear_error_and_nothing_partial(small_tmpfs: Path) -> 
     filler.unlink()
     digest = store.put(value)
     assert bytes(store.get(digest)) == value and store.verify().ok
+    assert store.backend._direct is (disk == "small_ext4")  # type: ignore[attr-defined]
 
 
 def test_a_run_on_a_full_disk_fails_clearly_and_reruns(small_tmpfs: Path) -> None:

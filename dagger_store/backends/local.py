@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from dagger_store.backends import directio
 from dagger_store.backends.base import Buffer, Entry, check_key, fill
 from dagger_store.errors import (
     BackendError,
@@ -67,6 +68,7 @@ class LocalBackend:
         self.root = Path(root).absolute()
         self.url = f"file://{self.root}"
         self._tmp = self.root / _TMP
+        self._direct: bool | None = None  # large files written around the page cache: unknown
 
     def create(self) -> None:
         """Make the root folder, and its parents, if absent."""
@@ -223,8 +225,9 @@ class LocalBackend:
         try:
             with open(fd, "wb", buffering=0) as f:
                 os.fchmod(f.fileno(), _OBJECT_MODE)
-                for part in parts:
-                    _write_all(f.fileno(), memoryview(part))
+                if not self._written_directly(f.fileno(), parts):
+                    for part in parts:
+                        _write_all(f.fileno(), memoryview(part))
                 if durable:
                     os.fsync(f.fileno())
                 else:
@@ -234,6 +237,18 @@ class LocalBackend:
                 os.unlink(tmp)
             raise
         return tmp
+
+    def _written_directly(self, fd: int, parts: Sequence[Buffer]) -> bool:
+        """Whether ``parts`` went into the empty file ``fd`` around the page cache
+        (``directio``: a large file on a local disk); if not, nothing was written."""
+        if self._direct is None:
+            self._direct = directio.suits(self.root)
+        if not self._direct or sum(memoryview(p).nbytes for p in parts) < directio.DIRECT_FROM:
+            return False
+        if directio.write(fd, parts):
+            return True
+        self._direct = False  # this file system refuses it: ask no more
+        return False
 
     def exists_many(self, keys: Sequence[str]) -> list[bool]:
         """One listing answers for a folder asked about many keys (a warm run asks about a
