@@ -229,12 +229,13 @@ class LocalBackend:
         try:
             try:
                 size = sum(memoryview(part).nbytes for part in parts)
-                if not self._written_directly(fd, parts, size):
+                direct = self._written_directly(fd, parts, size)
+                if not direct:
                     for part in parts:
                         _write_all(fd, memoryview(part))
                 if durable:
                     os.fsync(fd)
-                elif size >= _WRITEBACK_FROM:
+                elif size >= _WRITEBACK_FROM and not direct:  # (direct: nothing is dirty)
                     _start_writeback(fd)
             finally:
                 os.close(fd)
