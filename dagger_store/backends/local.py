@@ -463,7 +463,10 @@ def _linked(tmp: str, path: Path) -> bool:
         return False
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return _linked(tmp, path)
+        try:
+            os.link(tmp, path)  # once more, and only once: a temp file gone is an error
+        except FileExistsError:
+            return False
     return True
 
 
