@@ -864,11 +864,13 @@ class Store:
         held: dict[NodeKey, bytes] = {}
         remembered: dict[NodeKey, bytes] = {}  # generation 0 payloads, from the memo
         identity: dict[NodeKey, tuple[int, ...]] = {}
+        folders: dict[str, tuple[int, ...]] = {}  # their identities before they were listed
         memo = self._manifest_memo(keys)
         if self.backend.remote:
             newest = self._newest_generations(keys)
         else:
             to_read = list(keys)
+            quiet: set[str] = set()  # folders with no generation added since the memo
             if memo is not None and isinstance(self.backend, SupportsIdentity):
                 names = [manifest_generation_key(k, 0) for k in keys]
                 ids = self.backend.identities(names)
@@ -877,15 +879,28 @@ class Store:
                     if key in identity and (payload := memo.payload(name, identity[key])):
                         remembered[key] = payload
                 to_read = [k for k in identity if k not in remembered]
+                listed = sorted({_folder(name) for name in names})
+                found_ids = self.backend.identities(listed)
+                folders = {f: i for f, i in zip(listed, found_ids, strict=True) if i is not None}
+                quiet = {f for f, i in folders.items() if memo.quiet(f, i)}
             read = self._map_sliced(
                 lambda k: self._object_or_none(manifest_generation_key(k, 0)), to_read
             )
             held = {k: data for k, data in zip(to_read, read, strict=True) if data is not None}
             present = [*remembered, *held]
-            names = [manifest_generation_key(k, 1) for k in present]
-            asked = self.backend.exists_many(names)
-            later = [k for k, p in zip(present, asked, strict=True) if p]
+            ask = [
+                k
+                for k in present
+                if k not in remembered or _folder(manifest_generation_key(k, 0)) not in quiet
+            ]
+            asked = self.backend.exists_many([manifest_generation_key(k, 1) for k in ask])
+            later = [k for k, p in zip(ask, asked, strict=True) if p]
             newest = dict.fromkeys(present, 0) | self._generations_beyond(later, 1)
+            if memo is not None:
+                for key in later:
+                    memo.forget(manifest_generation_key(key, 0))
+                for folder, folder_identity in folders.items():
+                    memo.remember_folder(folder, folder_identity)
         found = list(newest)
 
         def checked(key: NodeKey) -> Manifest | None:
@@ -992,6 +1007,10 @@ class Store:
         if len(items) <= 1:
             return [fn(item) for item in items]
         return list(self._pool.map(fn, items))
+
+
+def _folder(key: str) -> str:
+    return key.rpartition("/")[0]
 
 
 def _staged_copy(head: bytes, leaf: memoryview) -> Buffer:

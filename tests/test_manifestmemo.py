@@ -9,6 +9,7 @@ never answered from memory; a damaged memo costs speed, never an answer.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -39,16 +40,29 @@ def _committed(store: ds.Store, label: str = "v1") -> list[ds.NodeKey]:
     return keys
 
 
+def _old_folders(store: ds.Store) -> None:
+    """Date the manifests' folders back too (a folder is remembered once settled, as a file)."""
+    assert isinstance(store.backend, LocalBackend)
+    for folder in (store.backend.root / "v1" / "manifests").iterdir():
+        stat = folder.stat()
+        os.utime(folder, ns=(stat.st_atime_ns, stat.st_mtime_ns - 60 * 10**9))
+
+
 class _CountingReads(LocalBackend):
     reads = 0
+    asked = 0  # names asked about (a folder's listing answers for them)
 
     def read(self, key: str) -> bytes:
         type(self).reads += 1
         return super().read(key)
 
+    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        type(self).asked += len(keys)
+        return super().exists_many(keys)
+
 
 def _counting(path: Path) -> ds.Store:
-    _CountingReads.reads = 0
+    _CountingReads.reads = _CountingReads.asked = 0
     return ds.Store(_CountingReads(str(path)), trusted=True)
 
 
@@ -83,6 +97,29 @@ def test_a_manifest_written_again_at_its_path_is_read_again(tmp_path: Path) -> N
     assert answered[keys[5]].meta["label"] == "v3"
     assert _CountingReads.reads == 2  # only those two, from the store
     assert answered[keys[4]].meta["label"] == "v1"
+
+
+def test_an_unchanged_folder_is_not_listed_and_a_generation_added_to_it_is_found(
+    tmp_path: Path,
+) -> None:
+    store = ds.open_store(str(tmp_path / "s"))
+    keys = _committed(store)
+    _old_folders(store)
+    first = _counting(tmp_path / "s").manifests(keys)  # read; files and folders remembered
+    assert _CountingReads.asked == COUNT
+    again = _counting(tmp_path / "s").manifests(keys)
+    assert (_CountingReads.reads, _CountingReads.asked) == (0, 0) and again == first
+    # A newer generation of node 5: its folder changes, so it is listed and the node read.
+    store.commit(keys[5], ds.Manifest({}, {"i": 5, "label": "v3"}), replaces=0)
+    answered = _counting(tmp_path / "s").manifests(keys)
+    assert answered[keys[5]].meta["label"] == "v3"
+    assert 0 < _CountingReads.asked < COUNT  # that folder's nodes only
+    assert answered[keys[4]].meta["label"] == "v1"
+    # Remembered as superseded: asked again, node 5 is still its newer generation.
+    _old(store, [keys[5]], generation=1)
+    _old_folders(store)
+    _counting(tmp_path / "s").manifests(keys)
+    assert _counting(tmp_path / "s").manifests(keys)[keys[5]].meta["label"] == "v3"
 
 
 def test_a_damaged_memo_costs_speed_never_an_answer(tmp_path: Path) -> None:
