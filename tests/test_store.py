@@ -441,3 +441,23 @@ def test_read_through_cache_serves_reads_without_the_remote(
     with ds.open_store(s3_url, storage_options=s3_storage_options, cache_dir=cache) as store:
         assert store.get(digest) == NOISE and store.get(small) == b"small"  # served locally
         assert store.has_blobs([digest]) == [False]  # existence is the remote's word
+
+
+def test_a_group_of_large_objects_written_in_halves_says_which_it_created(
+    tmp_path: Path,
+) -> None:
+    """Two or more objects of 1 MiB or more in a group go to the disk as two halves side by
+    side; which were created comes back in the group's order."""
+    store = ds.open_store(str(tmp_path / "s"))
+    big = [bytes([i]) * (1 << 20) for i in range(4)]
+    assert store._write_group([("blobs/aa/one", [big[0]]), ("blobs/aa/four", [big[3]])])
+    items: list[tuple[str, list[bytes]]] = [
+        ("blobs/aa/one", [big[0]]),  # there already
+        ("blobs/aa/two", [big[1]]),
+        ("blobs/aa/small", [b"small"]),
+        ("blobs/aa/three", [big[2]]),
+        ("blobs/aa/four", [big[3]]),  # there already
+    ]
+    assert store._write_group(items) == [False, True, True, True, False]
+    for key, (data,) in items:
+        assert store.backend.read(key) == data
