@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -105,51 +106,53 @@ def proxy_storage_options(fault_proxy: Any, s3_storage_options: dict[str, Any]) 
     return {**s3_storage_options, "endpoint_url": fault_proxy.url}
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs mounted for this test (root only), unmounted at teardown."""
+@contextmanager
+def _mounted(folder: Path, *commands: list[str]) -> Iterator[Path]:
+    """``folder`` made, then ``commands`` run (the last mounts it); unmounted at the end. The
+    test is skipped where that cannot be done (it needs root)."""
     import subprocess
 
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs to fill the disk needs root")
-    folder = tmp_path / "small"
+        pytest.skip(f"{' '.join(commands[-1][:3])} needs root")
     folder.mkdir()
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-    )
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip() or mount.returncode}")
+    for command in commands:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            what = " ".join(command[:3])
+            pytest.skip(f"cannot {what} here: {done.stderr.strip() or done.returncode}")
     try:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs mounted for this test (root only), unmounted at teardown."""
+    folder = tmp_path / "small"
+    with _mounted(folder, ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)]):
+        yield folder
 
 
 @pytest.fixture
 def small_ext4(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB ext4 file system in a file, loop-mounted for this test (root only): a local
     disk on which the store writes large objects around the page cache (directio.py)."""
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("loop-mounting a small ext4 needs root")
     image, folder = tmp_path / "disk.ext4", tmp_path / "ext4"
-    folder.mkdir()
     with open(image, "wb") as f:
         f.truncate(24 << 20)
-    for command in (
-        ["mkfs.ext4", "-q", "-F", "-m", "0", str(image)],  # -m 0: root may not write more
-        ["mount", "-o", "loop", str(image), str(folder)],
-    ):
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot {command[0]} here: {done.stderr.strip() or done.returncode}")
-    try:
+    mkfs = ["mkfs.ext4", "-q", "-F", "-m", "0", str(image)]  # -m 0: root may not write more
+    with _mounted(folder, mkfs, ["mount", "-o", "loop", str(image), str(folder)]):
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.fixture
+def ramfs(tmp_path: Path) -> Iterator[Path]:
+    """A ramfs mounted at a folder whose name has a space (root only): a real file system that
+    refuses O_DIRECT (it has no direct I/O)."""
+    folder = tmp_path / "ram fs"
+    with _mounted(folder, ["mount", "-t", "ramfs", "ramfs", str(folder)]):
+        yield folder
 
 
 @pytest.fixture

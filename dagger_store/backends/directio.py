@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -69,8 +70,9 @@ def file_system(path: Path) -> str | None:
 
 
 def _unescape(field: str) -> str:
-    # mountinfo writes a space, tab, newline or backslash in a path as \040, \011, \012, \134.
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    # mountinfo writes a space, tab, newline or backslash in a path as \040, \011, \012, \134
+    # (and other characters as they are).
+    return re.sub(r"\\([0-7]{3})", lambda octal: chr(int(octal.group(1), 8)), field)
 
 
 def write(fd: int, parts: Sequence[Buffer]) -> bool:
