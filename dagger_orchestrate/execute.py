@@ -215,7 +215,7 @@ def _state(
         state.initialize_state(**node.arguments)
         return state
     assert node.parent is not None
-    state = _load(store, node.parent, node.state_class, tags, behind)
+    state = _load(store, node.parent, node.state_class, tags, behind, node.key)
     label(state, node.key, tags)
     state = node.recipe.run(state)
     if not isinstance(state, ExperimentState):
@@ -232,9 +232,10 @@ def _load(
     state_class: type[ExperimentState],
     tags: tuple[str, ...],
     behind: WriteBehind | None,
+    reader: ds.NodeKey | None = None,
 ) -> ExperimentState:
     """A fresh copy of the state of ``key``: from what the run staged, if it holds it, else
-    from the store."""
+    from the store. ``reader``: the node computed from it (``WriteBehind.read``)."""
     held = behind.parent(key) if behind is not None else None
     if held is None:
         return load_state(store, key, state_class, tags)
@@ -244,7 +245,7 @@ def _load(
             return load_state(store, key, state_class, tags, manifest=manifest)
     finally:
         assert behind is not None
-        behind.read(key)
+        behind.read(key, reader)
 
 
 def run_function(

@@ -38,7 +38,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import dagger_store as ds
@@ -110,6 +110,7 @@ class WriteBehind:
         self._memory: dict[str, StagedObject] = {}
         self._held: dict[ds.NodeKey, _Held] = {}  # nodes with readers to come
         self._holders: Counter[str] = Counter()  # blob key -> held nodes naming it
+        self._borrowed: dict[ds.NodeKey, frozenset[str]] = {}  # node -> its parent's blobs
         self._kept: set[str] = set()  # written objects still in memory (``_retained``)
         self._kept_bytes = 0
         self._unchanged: set[str] = set()  # blob keys a node named without staging them
@@ -147,19 +148,30 @@ class WriteBehind:
                 return None
             return held.manifest, self._memory, held.produced - self._unchanged
 
-    def read(self, key: ds.NodeKey) -> None:
-        """One of the readers of ``key`` has read it (or will not)."""
+    def read(self, key: ds.NodeKey, by: ds.NodeKey | None = None) -> None:
+        """One of the readers of ``key`` has read it (or will not). ``by``: the node computed
+        from it, which holds the blobs ``key`` names until it is submitted or forgotten: it
+        names most of them again (a data set carried down), and they must still be in memory
+        then for its own children to map them, although ``key`` itself has no reader left."""
         with self._lock:
+            held = self._held.get(key)
+            if by is not None and held is not None:
+                self._borrowed[by] = held.named
+                self._holders.update(held.named)
             self._readers[key] -= 1
             held = self._held.pop(key, None) if self._readers[key] <= 0 else None
-            if held is None:
-                return
-            for name in held.named:
-                self._holders[name] -= 1
-                if self._holders[name] <= 0:
-                    del self._holders[name]
-                    if name in self._written:
-                        self._drop(name)
+            if held is not None:
+                self._release(held.named)
+
+    def _release(self, names: Iterable[str]) -> None:
+        """(Under the lock.) One holder fewer for each of ``names``; a written object that no
+        held node names any more leaves memory."""
+        for name in names:
+            self._holders[name] -= 1
+            if self._holders[name] <= 0:
+                del self._holders[name]
+                if name in self._written:
+                    self._drop(name)
 
     def lease_later(self, node: NodeSpec) -> bool:
         """Whether the lease on ``node`` is left to the writer, which takes it right after it
@@ -184,6 +196,7 @@ class WriteBehind:
                 if key in children:
                     children.remove(key)
             self._submitted.discard(key)
+            self._release(self._borrowed.pop(key, frozenset()))
         self.keeper.release([key])
 
     def failed(self, key: ds.NodeKey | None) -> ds.NodeKey | None:
@@ -224,6 +237,7 @@ class WriteBehind:
                         self._keep(name)
             self.known.update(staged.objects)
             self._unchanged.update(staged.named.difference(staged.objects))
+            self._release(self._borrowed.pop(key, frozenset()))  # after its own holds
             self._queue.append(staged)
             self._lock.notify_all()
 

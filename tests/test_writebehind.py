@@ -294,6 +294,36 @@ def test_siblings_changing_a_lent_data_set_in_place_never_see_each_others_change
     assert fresh.store.verify().problems == ()
 
 
+@pytest.mark.skipif(not resident.available(), reason="regions need Linux memfd sealing")
+def test_a_data_set_written_before_its_last_reader_has_read_it_is_still_lent_on(
+    tmp_path: Path, hashed_leaves: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fast disk writes a node before its last reader has loaded it: the blobs that reader
+    will name again (the data set it carries) must stay in memory until it is submitted, so
+    that its own children map them instead of reading and hashing them again."""
+    real_read = writebehind.WriteBehind.read
+
+    def read_once_written(
+        self: writebehind.WriteBehind, key: ds.NodeKey, by: ds.NodeKey | None = None
+    ) -> None:
+        self.written(key)  # this interleaving, every time: the parent is on disk first
+        real_read(self, key, *([] if by is None else [by]))
+
+    monkeypatch.setattr(writebehind.WriteBehind, "read", read_once_written)
+    exp = dg.Experiment(tmp_path / "exp", state_class=Carried)
+    first = Fit(rate=0.5, poke=-1)(exp.spawn_new_tree(seed=6))  # copies the root's data set
+    second = Fit(rate=0.2, poke=-1)(first)  # maps it: first named it unchanged
+    third = Fit(rate=0.1, poke=-1)(second)
+    assert len(exp.run("sync", progress=False).executed) == 4
+    # The data set hashed where it was made and where it was copied (first); second and
+    # third were lent it and left it alone.
+    assert sum(1 for size in hashed_leaves if size == 8 * 2**20) == 2, hashed_leaves
+    fresh = dg.Experiment(tmp_path / "exp", state_class=Carried)
+    stored, expected = _stored(fresh, third.key), _expected(6, [(0.5, -1), (0.2, -1), (0.1, -1)])
+    assert np.array_equal(stored["data"], expected["data"])
+    assert np.array_equal(stored["model"], expected["model"])
+
+
 @pytest.mark.parametrize("scheduler", ["sync", "threads"])
 def test_beyond_the_retention_budget_children_read_their_parents_from_the_store(
     tmp_path: Path, scheduler: str, monkeypatch: pytest.MonkeyPatch
