@@ -584,8 +584,7 @@ class Store:
             created = [False] * len(items)
             created[0::2], created[1::2] = done
             return created
-        backend = self.backend
-        return self.map(lambda item: backend.write_once(item[0], *item[1]), items)
+        return self.map(lambda item: many.write_once(item[0], *item[1]), items)
 
     def _frame(self, key: NodeKey, manifest: Manifest) -> bytes:
         payload = manifest.payload()
@@ -882,7 +881,7 @@ class Store:
             newest = self._newest_generations(keys)
         else:
             to_read = list(keys)
-            quiet: set[str] = set()  # folders with no generation added since the memo
+            settled: set[NodeKey] = set()  # remembered, in a folder unchanged since the memo
             if memo is not None and isinstance(self.backend, SupportsIdentity):
                 names = [manifest_generation_key(k, 0) for k in keys]
                 ids = self.backend.identities(names)
@@ -891,20 +890,18 @@ class Store:
                     if key in identity and (payload := memo.payload(name, identity[key])):
                         remembered[key] = payload
                 to_read = [k for k in identity if k not in remembered]
-                listed = sorted({_folder(name) for name in names})
+                folder_of = {k: _folder(name) for k, name in zip(keys, names, strict=True)}
+                listed = sorted(set(folder_of.values()))
                 found_ids = self.backend.identities(listed)
                 folders = {f: i for f, i in zip(listed, found_ids, strict=True) if i is not None}
                 quiet = {f for f, i in folders.items() if memo.quiet(f, i)}
+                settled = {k for k in remembered if folder_of[k] in quiet}
             read = self._map_sliced(
                 lambda k: self._object_or_none(manifest_generation_key(k, 0)), to_read
             )
             held = {k: data for k, data in zip(to_read, read, strict=True) if data is not None}
             present = [*remembered, *held]
-            ask = [
-                k
-                for k in present
-                if k not in remembered or _folder(manifest_generation_key(k, 0)) not in quiet
-            ]
+            ask = [k for k in present if k not in settled]
             asked = self.backend.exists_many([manifest_generation_key(k, 1) for k in ask])
             later = [k for k, p in zip(ask, asked, strict=True) if p]
             newest = dict.fromkeys(present, 0) | self._generations_beyond(later, 1)

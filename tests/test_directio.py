@@ -49,7 +49,9 @@ def test_small_objects_are_written_buffered(
 ) -> None:
     calls: list[int] = []
     real = directio.write
-    monkeypatch.setattr(directio, "write", lambda fd, parts: calls.append(fd) or real(fd, parts))
+    monkeypatch.setattr(
+        directio, "write", lambda fd, parts, total: calls.append(fd) or real(fd, parts, total)
+    )
     backend = LocalBackend(small_ext4 / "store")
     backend.create()
     backend.write_once("small", b"x" * (directio.DIRECT_FROM - 1))
@@ -68,7 +70,7 @@ def test_a_store_on_ext4_round_trips_large_arrays(small_ext4: Path) -> None:
 
 def test_a_refusing_file_system_gets_a_buffered_write(ramfs: Path) -> None:
     with open(ramfs / "file", "wb") as f:
-        assert directio.write(f.fileno(), [b"abc" * MiB]) is False
+        assert directio.write(f.fileno(), [b"abc" * MiB], 3 * MiB) is False
     assert (ramfs / "file").stat().st_size == 0  # nothing written: the caller writes it
     backend = LocalBackend(ramfs / "store")
     backend.create()

@@ -75,11 +75,10 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda octal: chr(int(octal.group(1), 8)), field)
 
 
-def write(fd: int, parts: Sequence[Buffer]) -> bool:
-    """Write ``parts`` at the start of the empty file ``fd`` around the page cache; False,
-    having written nothing, if the file system refuses that (write it buffered then). An
-    error of the disk (ENOSPC) is raised as it is."""
-    total = sum(memoryview(part).nbytes for part in parts)
+def write(fd: int, parts: Sequence[Buffer], total: int) -> bool:
+    """Write ``parts`` (``total`` bytes) at the start of the empty file ``fd`` around the page
+    cache; False, having written nothing, if the file system refuses that (write it buffered
+    then). An error of the disk (ENOSPC) is raised as it is."""
     try:
         _set_direct(fd, True)
     except OSError as exc:

@@ -265,7 +265,7 @@ class LocalBackend:
             self._direct = directio.suits(self.root)
         if not self._direct or size < directio.DIRECT_FROM:
             return False
-        if directio.write(fd, parts):
+        if directio.write(fd, parts, size):
             return True
         self._direct = False  # this file system refuses it: ask no more
         return False
