@@ -40,7 +40,7 @@ import msgpack
 import numpy as np
 
 import dagger_store as ds
-from dagger_orchestrate import recycled
+from dagger_store import recycled
 from dagger_store.content import Dir, File, described, from_description
 from dagger_store.plain import is_plain
 
@@ -406,9 +406,18 @@ def _fresh_array(
     mapped = store.get_private(digest)
     if mapped is not None:
         return np.frombuffer(mapped, dtype=np.dtype(dtype)).reshape(shape)
-    array = recycled.empty(shape, np.dtype(dtype))
+    array = empty(shape, np.dtype(dtype))
     store.get_into(digest, array)
     return array
+
+
+def empty(shape: tuple[int, ...] | list[int], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """A new writable array, uninitialised, as ``np.empty(shape, dtype)`` gives; a large one
+    on recycled memory (``dagger_store.recycled``)."""
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < recycled.RECYCLE_FROM or not recycled.AVAILABLE:
+        return np.empty(shape, dtype=dtype)
+    return np.ndarray(shape, dtype=dtype, buffer=recycled.buffer(size))
 
 
 def _is_tree(value: Any, torch: Any) -> bool:

@@ -12,11 +12,11 @@ A child computed meanwhile reads its parent's state from the staged objects
 (``Store.reading``), through the same decoding as from storage, so it sees exactly what a
 process reading the store would see. A node's manifest is kept while it has readers to come
 (its children and Function calls in the plan). Its objects are kept until they are written;
-after that, only large arrays staged in sealed regions (``dagger_store.resident``) and small
-objects stay, while a node with readers to come names them: children map such an array
-copy-on-write instead of copying it, and name it again without hashing it if they leave it
-unwritten, so a data set that every node carries is held once and never copied. The rest is
-read from the store (the page cache, mostly). Memory stays within about three states: the one
+after that, only large arrays staged whole (in sealed regions, ``dagger_store.resident``, or in
+recycled memory) and small objects stay, while a node with readers to come names them: children
+map an array in a region copy-on-write instead of copying it, and name it again without
+hashing it if they leave it unwritten, so a data set that every node carries is held once and
+never copied. The rest is read back from the store. Memory stays within about three states: the one
 computing, the staged objects of its parent, those being written (``PENDING_BYTES``), with the
 regions shared among them.
 
@@ -58,9 +58,9 @@ GATHER_UP_TO = 8 * 2**20
 PENDING_BYTES = 32 * 2**20
 # Written objects at most this large stay in memory while a node to be read names them.
 RETAIN_SMALL = 64 * 2**10
-# Written regions stay in memory, while a node to be read names them, up to this many bytes in
-# all (at least one always may): a data set carried down a tree and the root's model, say.
-# Beyond it they are dropped once written, and read back from the store (the page cache): in a
+# Written large arrays (staged whole) stay in memory, while a node to be read names them, up to
+# this many bytes in all (at least one always may): a data set carried down a tree and the
+# root's model, say. Beyond it they are dropped once written, and read back from the store: in a
 # wide tree whose scheduler computes many siblings before their children, every one of them
 # is held for its children at once.
 RETAIN_BYTES = 64 * 2**20
@@ -285,7 +285,7 @@ class WriteBehind:
 
     def _retained(self, name: str) -> bool:
         """Whether a written object stays in memory (under the lock): a node still to be read
-        names it, and it is small, or a region's within ``RETAIN_BYTES``."""
+        names it, and it is small, or a large array's within ``RETAIN_BYTES``."""
         if name in self._kept:
             return True
         data = self._memory.get(name)

@@ -13,9 +13,11 @@ not) are read from memory: a child computed in the same process as its parent re
 state from what the parent staged, through the same decoding as from storage, so that it sees
 exactly what a process reading the store would see, without the storage or a second hash.
 
-A large array is staged as a ``RawLeaf`` of a sealed ``Region`` (``resident.py``) where memory
-files can be sealed: a child then maps the parent's bytes copy-on-write instead of copying
-them, and an array it leaves unwritten is put back without being hashed again.
+A large array is staged as ``RawLeaf``s of one copy: a sealed ``Region`` (``resident.py``) where
+memory files can be sealed, which a child then maps copy-on-write instead of copying, and puts
+back unwritten without hashing it again; or recycled memory (``recycled.py``) for an array that
+a recipe rewrote after loading it from its parent: its children will most likely rewrite it
+too, and a copy into pages in place costs a tenth of a new region's.
 
 Both are context variables: each thread (a threaded scheduler's task) has its own.
 """
@@ -33,18 +35,15 @@ from dagger_store.resident import Region
 
 @dataclass(frozen=True, slots=True)
 class RawLeaf:
-    """A raw leaf staged in a region: its payload is ``size`` bytes at ``offset`` (no framing
-    header: a region holds a whole blob's bytes contiguously, to be lent out as one array)."""
+    """A raw leaf staged without its framing header: its payload is a slice of one copy of the
+    whole blob, contiguous, in a sealed region (``region``: lent out to readers as one array)
+    or in recycled memory (``region`` None)."""
 
-    region: Region
-    offset: int
-    size: int
-
-    def payload(self) -> memoryview:
-        return self.region.view(self.offset, self.size)
+    payload: memoryview
+    region: Region | None = None
 
     def __len__(self) -> int:  # as long as the object it stands for
-        return HEADER_SIZE + self.size
+        return HEADER_SIZE + len(self.payload)
 
 
 # What a stage holds under a blob key: the whole encoded object, or a raw leaf in a region.

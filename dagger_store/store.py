@@ -55,7 +55,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from dagger_store import framing
+from dagger_store import framing, recycled
 from dagger_store.backends.base import (
     Backend,
     Buffer,
@@ -113,8 +113,6 @@ _PROBE_ITEMS = 32
 _INLINE_BELOW_S = 100e-6
 # Questions about at least this many manifests are remembered between runs (``manifestmemo``).
 _MEMO_FROM = 256
-# A staged copy at least this large gets memory of its own (``_staged_copy``).
-_MAPPED_ABOVE = 1024 * 1024
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -275,13 +273,16 @@ class Store:
         return [digests[i] for i in range(len(views))]
 
     def _put_resident(self, view: memoryview, stage: Stage) -> Digest:
-        """``put`` of a large buffer inside a stage, through a sealed region (``resident.py``)
-        where it can be: an array lent out of a region of this writer's and left unwritten is
-        named again without a byte copied or hashed; any other is hashed leaf by leaf and
-        copied into a new region, which children map instead of copying."""
+        """``put`` of a large buffer inside a stage: an array lent out of a region of this
+        writer's (``resident.py``) and left unwritten is named again without a byte copied or
+        hashed; any other is hashed leaf by leaf and, unless staged before, copied whole. The
+        copy goes to a new region, which children map instead of copying, or, for an array
+        loaded from a parent and rewritten since (on recycled memory: ``recycled.leased``), to
+        recycled memory: whoever rewrote it once rewrites it again, most likely, and children
+        copy what their parent rewrote rather than map it (``WriteBehind.parent``)."""
         region = pristine(view)
         if region is not None and region.digest is not None:
-            objects = _region_objects(region)
+            objects = _raw_objects(region.view(), region.digest, region.leaves, region)
             if all(k in stage.known for k in objects):
                 stage.named.update(objects)
                 stage.kept.update(objects)
@@ -290,18 +291,18 @@ class Store:
         digests = self.map(leaf_digest, leaves)
         top = digests[0] if len(leaves) == 1 else tree_digest(len(view), digests)
         keys = [blob_key(d) for d in digests] + ([blob_key(top)] if len(leaves) > 1 else [])
-        region = None
-        if not all(k in stage.known or k in stage.objects for k in keys):
-            region = Region.new(len(view))
-        if region is None:  # staged before, or too many regions alive: copies
-            for key, leaf in zip(keys, leaves, strict=False):
-                if _stages(stage, key):
-                    stage.objects[key] = _staged_copy(framing.header(Framing.RAW), leaf)
-            return top if len(leaves) == 1 else self._stage_index(top, digests, stage)
-        fill = region.fill  # copied after hashing, as ``_staged_copy`` is
-        self.map(lambda at: fill(at * LEAF_SIZE, leaves[at]), range(len(leaves)))
-        region.seal(top, digests)
-        for key, staged in _region_objects(region).items():
+        if all(k in stage.known or k in stage.objects for k in keys):
+            stage.named.update(keys)
+            return top
+        region = None if recycled.leased(view) else Region.new(len(view))
+        if region is not None:
+            fill = region.fill  # after hashing: the bytes hashed are the bytes staged
+            self.map(lambda at: fill(at * LEAF_SIZE, leaves[at]), range(len(leaves)))
+            region.seal(top, digests)
+            copy = region.view()
+        else:  # rewritten, no regions here, or too many alive
+            copy = _recycled_copy(view)
+        for key, staged in _raw_objects(copy, top, digests, region).items():
             if _stages(stage, key):
                 stage.objects[key] = staged
         return top
@@ -377,9 +378,10 @@ class Store:
         if digest.is_chunked and isinstance(first, bytes | bytearray | memoryview):
             leaves = framing.index_leaves(memoryview(first)[HEADER_SIZE:], digest)
             first = memory.get(blob_key(leaves[0]))
-        if not isinstance(first, RawLeaf) or first.region.digest != digest:
+        region = first.region if isinstance(first, RawLeaf) else None
+        if region is None or region.digest != digest:
             return None
-        return first.region.private()
+        return region.private()
 
     def has_blobs(self, digests: Sequence[Digest]) -> list[bool]:
         """Whether each blob is stored whole, in batched rounds.
@@ -445,9 +447,9 @@ class Store:
         if memory and (held := memory.get(key)) is not None:
             # Staged by this process, which hashed these very bytes: decoded, not verified.
             if isinstance(held, RawLeaf):
-                if held.size != len(target):
+                if len(held.payload) != len(target):
                     raise IntegrityError(f"staged blob {key!r} is not a leaf of its size", key=key)
-                target[:] = held.payload()
+                target[:] = held.payload
                 return
             kind = framing.read_header(held, key)
             payload = memoryview(held)[HEADER_SIZE:]
@@ -542,7 +544,7 @@ class Store:
         """A staged object as written: a raw leaf compressed where zstd pays."""
         if _staged_kind(key, staged) is not Framing.RAW:
             return _framed(staged)
-        leaf = staged.payload() if isinstance(staged, RawLeaf) else memoryview(staged)[HEADER_SIZE:]
+        leaf = staged.payload if isinstance(staged, RawLeaf) else memoryview(staged)[HEADER_SIZE:]
         return self._compressor.encode_leaf(leaf, self._compressor.pays_off(leaf))
 
     def commit_written(self, items: Sequence[tuple[NodeKey, Manifest, int | None]]) -> list[Commit]:
@@ -1026,27 +1028,33 @@ def _folder(key: str) -> str:
     return key.rpartition("/")[0]
 
 
-def _staged_copy(head: bytes, leaf: memoryview) -> Buffer:
-    """``head + leaf`` in memory of its own. A large one is an anonymous mapping, which goes
-    back to the system the moment it is dropped: as heap memory, a run's stream of
-    megabyte-sized copies would leave the process's resident size far above what it holds."""
-    if len(leaf) < _MAPPED_ABOVE:
-        return b"".join((head, leaf))
-    copy = mmap.mmap(-1, len(head) + len(leaf))
-    copy[: len(head)] = head
-    copy[len(head) :] = leaf
-    return memoryview(copy)
+def _staged_copy(head: bytes, leaf: memoryview) -> bytes:
+    """``head + leaf``: a small leaf's object, in memory of its own."""
+    return b"".join((head, leaf))
 
 
-def _region_objects(region: Region) -> dict[str, StagedObject]:
-    """The objects of the blob a sealed region holds: its leaves, then its index if chunked."""
-    assert region.digest is not None
+def _recycled_copy(view: memoryview) -> memoryview:
+    """A copy of a large buffer in memory of its own: recycled where it can be, else a new
+    anonymous mapping (no heap: a run's stream of megabyte-sized copies would leave the
+    process's resident size far above what it holds)."""
+    size = len(view)
+    memory = recycled.buffer(size) if recycled.AVAILABLE else mmap.mmap(-1, size)
+    copy = memoryview(memory).cast("B")
+    copy[:] = view
+    return copy
+
+
+def _raw_objects(
+    copy: memoryview, top: Digest, leaves: Sequence[Digest], region: Region | None
+) -> dict[str, StagedObject]:
+    """The objects of a blob staged whole in ``copy`` (a sealed region's view, or recycled
+    memory): its leaves, raw, then its index if chunked."""
     objects: dict[str, StagedObject] = {
-        blob_key(leaf): RawLeaf(region, at * LEAF_SIZE, leaf.size)
-        for at, leaf in enumerate(region.leaves)
+        blob_key(leaf): RawLeaf(copy[at * LEAF_SIZE : at * LEAF_SIZE + leaf.size], region)
+        for at, leaf in enumerate(leaves)
     }
-    if region.digest.is_chunked:
-        objects[blob_key(region.digest)] = framing.encode_index(region.digest.size, region.leaves)
+    if top.is_chunked:
+        objects[blob_key(top)] = framing.encode_index(top.size, leaves)
     return objects
 
 
@@ -1057,7 +1065,7 @@ def _staged_kind(key: str, staged: StagedObject) -> Framing:
 def _framed(staged: StagedObject) -> tuple[Buffer, ...]:
     """A staged object as the parts of the object stored."""
     if isinstance(staged, RawLeaf):
-        return framing.header(Framing.RAW), staged.payload()
+        return framing.header(Framing.RAW), staged.payload
     return (staged,)
 
 

@@ -1,4 +1,4 @@
-"""Recycled memory for loaded arrays (dagger_orchestrate/recycled.py).
+"""Recycled memory for loaded arrays (dagger_store/recycled.py, through codecs.empty).
 
 What a person relies on: an array a load gives them is theirs alone, as ``np.empty``'s is:
 no other array, now or later, shares a byte of it while anything (the array, a view, a
@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import dagger_orchestrate as dg
-from dagger_orchestrate import recycled
+from dagger_orchestrate.codecs import empty
+from dagger_store import recycled
 
 SHAPE = (512, 1024)  # 2 MiB of float32: recycled
 DTYPE = np.dtype("float32")
@@ -29,30 +30,30 @@ def _address(array: np.ndarray[Any, Any]) -> int:
 
 
 def test_small_arrays_are_plain_numpy() -> None:
-    small = recycled.empty((10, 10), DTYPE)
+    small = empty((10, 10), DTYPE)
     assert small.base is None and small.flags.owndata and small.shape == (10, 10)
 
 
 def test_a_dead_array_gives_its_memory_to_the_next() -> None:
-    first = recycled.empty(SHAPE, DTYPE)
+    first = empty(SHAPE, DTYPE)
     first[:] = 1
     address = _address(first)
     idle = recycled._pool.idle_bytes
     del first
     assert recycled._pool.idle_bytes == idle + 4 * SHAPE[0] * SHAPE[1]
-    second = recycled.empty(list(SHAPE), DTYPE)
+    second = empty(list(SHAPE), DTYPE)
     assert _address(second) == address and second.flags.writeable
     assert second.shape == SHAPE and second.dtype == DTYPE
 
 
 def test_memory_is_not_given_again_while_a_view_or_buffer_refers_to_it() -> None:
-    first = recycled.empty(SHAPE, DTYPE)
+    first = empty(SHAPE, DTYPE)
     first[:] = 1
     view = first[100:]
     buffer = memoryview(first[:10])
     del first
     gc.collect()
-    others = [recycled.empty(SHAPE, DTYPE) for _ in range(3)]
+    others = [empty(SHAPE, DTYPE) for _ in range(3)]
     for other in others:
         other[:] = 2
     assert (view == 1).all()
@@ -63,7 +64,7 @@ def test_memory_is_not_given_again_while_a_view_or_buffer_refers_to_it() -> None
 
 
 def test_two_live_arrays_never_share_memory() -> None:
-    arrays = [recycled.empty(SHAPE, DTYPE) for _ in range(4)]
+    arrays = [empty(SHAPE, DTYPE) for _ in range(4)]
     for i, array in enumerate(arrays):
         array[:] = i
     assert [float(a.mean()) for a in arrays] == [0.0, 1.0, 2.0, 3.0]
@@ -72,7 +73,7 @@ def test_two_live_arrays_never_share_memory() -> None:
 
 def test_the_idle_memory_is_bounded() -> None:
     size = 4 << 20
-    arrays = [recycled.empty((size,), np.dtype("uint8")) for _ in range(12)]  # 48 MiB
+    arrays = [empty((size,), np.dtype("uint8")) for _ in range(12)]  # 48 MiB
     del arrays
     assert recycled._pool.idle_bytes <= recycled.POOL_BYTES
 
@@ -82,7 +83,7 @@ def _write_in_child(array: np.ndarray[Any, Any]) -> None:
 
 
 def test_a_forked_process_changes_its_own_copy() -> None:
-    array = recycled.empty(SHAPE, DTYPE)
+    array = empty(SHAPE, DTYPE)
     array[:] = 1
     context = multiprocessing.get_context("fork")
     child = context.Process(target=_write_in_child, args=(array,))
@@ -93,7 +94,7 @@ def test_a_forked_process_changes_its_own_copy() -> None:
 
 
 def test_an_array_from_the_pool_behaves_as_numpy_s(tmp_path: Any) -> None:
-    array = recycled.empty(SHAPE, DTYPE)
+    array = empty(SHAPE, DTYPE)
     array[:] = np.arange(SHAPE[1], dtype=DTYPE)
     assert isinstance(array.base, ctypes.Array)
     again = pickle.loads(pickle.dumps(array))
