@@ -184,6 +184,7 @@ def run_node(task: NodeTask, parent: Outcome | None) -> Outcome:
                 seconds,
                 task.replaces,
                 stage.kept,
+                frozenset(stage.rewritten),
             )
         )
         return Done(node.key, seconds)  # until the write-behind says how its write went

@@ -69,8 +69,9 @@ RETAIN_BYTES = 64 * 2**20
 @dataclass(frozen=True, slots=True)
 class Staged:
     """A computed node, staged: its manifest, the objects it staged, the key of every blob it
-    names (staged by it or by a node before it), the generation it supersedes, if any, and
-    the objects of the regions it named through a lent array (``Stage.kept``)."""
+    names (staged by it or by a node before it), the generation it supersedes, if any, the
+    objects of the regions it named through a lent array (``Stage.kept``), and the keys of
+    the blobs it was lent and rewrote (``Stage.rewritten``)."""
 
     node: NodeSpec
     manifest: ds.Manifest
@@ -79,6 +80,7 @@ class Staged:
     seconds: float
     replaces: int | None = None
     kept: Mapping[str, StagedObject] = field(default_factory=dict)
+    rewritten: frozenset[str] = frozenset()
 
     @property
     def size(self) -> int:
@@ -88,11 +90,10 @@ class Staged:
 
 @dataclass(frozen=True, slots=True)
 class _Held:
-    """A node held for its readers: its manifest, the blobs it staged (its children copy
-    them, see ``parent``), and every blob it names (kept in memory for them)."""
+    """A node held for its readers: its manifest and every blob it names (kept in memory for
+    them)."""
 
     manifest: ds.Manifest
-    produced: frozenset[str]
     named: frozenset[str]
 
 
@@ -113,7 +114,7 @@ class WriteBehind:
         self._borrowed: dict[ds.NodeKey, frozenset[str]] = {}  # node -> its parent's blobs
         self._kept: set[str] = set()  # written objects still in memory (``_retained``)
         self._kept_bytes = 0
-        self._unchanged: set[str] = set()  # blob keys a node named without staging them
+        self._rewritten: set[str] = set()  # blob keys a node rewrote after mapping them
         self._readers = Counter(readers)
         self._queue: list[Staged] = []
         self._submitted: set[ds.NodeKey] = set()
@@ -136,17 +137,19 @@ class WriteBehind:
         to copy rather than map (``Store.reading``), if this run staged it and holds it for its
         readers; call ``read`` once read.
 
-        Copied: the blobs the node produced (a root: all of its), unless a node of this run
-        has since put one back unchanged. What a recipe rewrote (a model in training) the next
-        one likely rewrites too, and a mapped array rewritten whole costs about four copies (a
-        page copied at each page's first write); what nodes pass on unchanged (a data set)
-        costs nothing mapped.
+        Copied: the blobs that a node of this run was lent and rewrote (``Stage.rewritten``:
+        a model in training). The next one likely rewrites them too, and a mapped array
+        rewritten whole costs about four times a copy into recycled memory (a page faulted in
+        and copied at each page's first write). The rest is mapped: what nodes pass on
+        unchanged (a data set) or change here and there costs nothing, or a page, mapped.
+        (Large arrays staged in recycled memory, not in regions, are copied whatever this
+        says: ``Store.get_private``.)
         """
         with self._lock:
             held = self._held.get(key)
             if held is None:
                 return None
-            return held.manifest, self._memory, held.produced - self._unchanged
+            return held.manifest, self._memory, held.named & self._rewritten
 
     def read(self, key: ds.NodeKey, by: ds.NodeKey | None = None) -> None:
         """One of the readers of ``key`` has read it (or will not). ``by``: the node computed
@@ -229,14 +232,14 @@ class WriteBehind:
             for name, data in staged.objects.items():
                 self._memory.setdefault(name, data)  # until written
             if self._readers[key] > 0:
-                self._held[key] = _Held(staged.manifest, frozenset(staged.objects), staged.named)
+                self._held[key] = _Held(staged.manifest, staged.named)
                 self._holders.update(staged.named)
                 for name, data in staged.kept.items():  # its lent regions, for its readers
                     if name not in self._memory and self._may_keep(len(data)):
                         self._memory[name] = data
                         self._keep(name)
             self.known.update(staged.objects)
-            self._unchanged.update(staged.named.difference(staged.objects))
+            self._rewritten.update(staged.rewritten)
             self._release(self._borrowed.pop(key, frozenset()))  # after its own holds
             self._queue.append(staged)
             self._lock.notify_all()

@@ -15,7 +15,10 @@ into a ``Region``: a memory file (Linux ``memfd``) sealed against any change onc
   private mapping becomes anonymous memory, bit 61 clear, or is swapped, bit 62). None was: its
   bytes are the sealed file's, whose digest is known. This is a proof, not a guess: an
   unwritten page of the mapping can only show the file's page, and the seal forbids any write
-  to the file. Checking costs 8 bytes of page table per 4 KB page.
+  to the file. Checking costs 8 bytes of page table per 4 KB page. The same table says how
+  much of it was written (``written_share``): an array rewritten whole is better copied than
+  mapped by whoever reads it next (a page faulted in and copied at each page's first write
+  costs about four times a copy into memory in place).
 
 Where any part of this is missing (not Linux, no memfd sealing, a pagemap that is unreadable
 or does not behave as the self-test at first use expects), ``available()`` is False and the
@@ -177,19 +180,31 @@ def _forget(address: int | None, lent: _Lent | None) -> None:
             del _lent[address]
 
 
-def pristine(view: memoryview) -> Region | None:
-    """The sealed region whose lent mapping ``view`` covers exactly, if not a page of it was
-    written; else None (a view of anything else, read-only, or written to)."""
+def lent(view: memoryview) -> Region | None:
+    """The sealed region whose lent mapping ``view`` covers exactly, written to or not; else
+    None (a view of anything else, or read-only)."""
     if view.readonly or not view.nbytes or not _lent:
         return None
-    address = _address(view)
     with _lock:
-        lent = _lent.get(address)
+        lent = _lent.get(_address(view))
     if lent is None or lent.region.size != view.nbytes:
         return None
     if lent.mapping() is None:  # gone; the address belongs to something else now
         return None
-    return lent.region if _unwritten(address, view.nbytes) else None
+    return lent.region
+
+
+def pristine(view: memoryview) -> Region | None:
+    """The sealed region whose lent mapping ``view`` covers exactly, if not a page of it was
+    written; else None (a view of anything else, read-only, or written to)."""
+    region = lent(view)
+    return region if region is not None and not written_share(view) else None
+
+
+def written_share(view: memoryview) -> float:
+    """Of the pages of the lent mapping ``view`` covers (see ``lent``), the share written to
+    since it was lent: 0.0 means its bytes are still the region's."""
+    return _written_share(_address(view), view.nbytes)
 
 
 def _seal_flags() -> int:
@@ -204,17 +219,18 @@ def _address(view: memoryview) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(view))
 
 
-def _unwritten(address: int, size: int) -> bool:
-    """Whether no page of a private file mapping at ``address`` was written: each is absent
-    (never touched) or the file's own page; none anonymous, none swapped out."""
+def _written_share(address: int, size: int) -> float:
+    """The share of the pages of a private file mapping at ``address`` that were written:
+    each page is absent (never touched), the file's own page, or written (anonymous or
+    swapped out). A page table that cannot be read counts as all written."""
     first, last = address // _PAGE, (address + size - 1) // _PAGE
     count = last - first + 1
     data = os.pread(_pagemap(), count * 8, first * 8)
     if len(data) != count * 8:
-        return False
-    # The flags are the top byte of each little-endian entry: drop the entries that are
-    # fine, in C; any left over is a page written.
-    return not data[7::8].translate(None, _UNWRITTEN_TOP_BYTES)
+        return 1.0
+    # The flags are the top byte of each little-endian entry: drop the entries of pages
+    # unwritten, in C; what is left are the written ones.
+    return len(data[7::8].translate(None, _UNWRITTEN_TOP_BYTES)) / count
 
 
 _pagemaps: dict[int, int] = {}  # pid -> its open pagemap (a forked child opens its own)
@@ -254,10 +270,10 @@ def _self_test() -> bool:
         try:
             view = memoryview(mapped)
             address = _address(view)
-            untouched = _unwritten(address, _PAGE)
-            read = view[0] == 1 and _unwritten(address, _PAGE)
+            untouched = _written_share(address, _PAGE) == 0
+            read = view[0] == 1 and _written_share(address, _PAGE) == 0
             view[0] = 2
-            written = not _unwritten(address, _PAGE)
+            written = _written_share(address, _PAGE) == 1
             original = os.pread(fd, 1, 0) == b"\x01"
             view.release()
             return untouched and read and written and original

@@ -59,13 +59,16 @@ class Stage:
     blob put, staged or not (those in ``known`` were written before by the same writer and
     are not staged again). ``kept``: the objects of regions named again through an unwritten
     lent array (staged before, by the same writer): whoever reads this stage's node next
-    finds them in memory too.
+    finds them in memory too. ``rewritten``: the keys of blobs lent out of regions whose
+    arrays were put back with most of their pages written (``Store.put``): whoever
+    reads them next had better copy them than map them.
     """
 
     known: Container[str] = frozenset()
     objects: dict[str, StagedObject] = field(default_factory=dict)
     named: set[str] = field(default_factory=set)
     kept: dict[str, StagedObject] = field(default_factory=dict)
+    rewritten: set[str] = field(default_factory=set)
 
 
 stage_var: ContextVar[Stage | None] = ContextVar("dagger_store_stage", default=None)

@@ -95,7 +95,7 @@ from dagger_store.layout import (
 )
 from dagger_store.manifest import Frame, Manifest
 from dagger_store.manifestmemo import ManifestMemo
-from dagger_store.resident import RESIDENT_FROM, Region, pristine
+from dagger_store.resident import RESIDENT_FROM, Region, lent, written_share
 from dagger_store.signing import LabKey, Signatures
 from dagger_store.staging import RawLeaf, Stage, StagedObject, copy_var, memory_var, stage_var
 
@@ -105,6 +105,10 @@ _ASK_FIRST_ABOVE = 256 * 1024
 _SPLIT_FROM = 1024 * 1024
 # Below this size one whole read beats a header read plus a payload read.
 _READ_INTO_ABOVE = 1024 * 1024
+# A lent array put back with at least this share of its pages written was rewritten, not
+# touched here and there: whoever reads it next copies it (``Stage.rewritten``), and it is
+# staged in recycled memory, not in a region of its own.
+REWRITTEN_FROM = 0.5
 # Tasks per worker when many small reads are spread over the pool (``Store._map_sliced``).
 _SLICES_PER_WORKER = 4
 # Items a local backend answers in one thread before ``_map_sliced`` decides, and the time an
@@ -277,16 +281,20 @@ class Store:
         writer's (``resident.py``) and left unwritten is named again without a byte copied or
         hashed; any other is hashed leaf by leaf and, unless staged before, copied whole. The
         copy goes to a new region, which children map instead of copying, or, for an array
-        loaded from a parent and rewritten since (on recycled memory: ``recycled.leased``), to
-        recycled memory: whoever rewrote it once rewrites it again, most likely, and children
-        copy what their parent rewrote rather than map it (``WriteBehind.parent``)."""
-        region = pristine(view)
-        if region is not None and region.digest is not None:
-            objects = _raw_objects(region.view(), region.digest, region.leaves, region)
-            if all(k in stage.known for k in objects):
-                stage.named.update(objects)
-                stage.kept.update(objects)
-                return region.digest
+        rewritten since it was loaded from a parent (most of a lent one's pages written, or
+        any of a copy on recycled memory: ``recycled.leased``), to recycled memory: whoever
+        rewrote it once likely rewrites it again, and then a copy costs less than a mapping."""
+        source = lent(view)
+        written = written_share(view) if source is not None else 0.0
+        if source is not None and source.digest is not None:
+            if not written:
+                objects = _raw_objects(source.view(), source.digest, source.leaves, source)
+                if all(k in stage.known for k in objects):
+                    stage.named.update(objects)
+                    stage.kept.update(objects)
+                    return source.digest
+            elif written >= REWRITTEN_FROM:
+                stage.rewritten.add(blob_key(source.digest))
         leaves = leaf_views(view)
         digests = self.map(leaf_digest, leaves)
         top = digests[0] if len(leaves) == 1 else tree_digest(len(view), digests)
@@ -294,7 +302,8 @@ class Store:
         if all(k in stage.known or k in stage.objects for k in keys):
             stage.named.update(keys)
             return top
-        region = None if recycled.leased(view) else Region.new(len(view))
+        rewritten = written >= REWRITTEN_FROM or recycled.leased(view)
+        region = None if rewritten else Region.new(len(view))
         if region is not None:
             fill = region.fill  # after hashing: the bytes hashed are the bytes staged
             self.map(lambda at: fill(at * LEAF_SIZE, leaves[at]), range(len(leaves)))

@@ -106,6 +106,35 @@ def test_a_region_cannot_change_once_sealed(tmp_path: Path) -> None:
         leaf.payload[0] = 1
 
 
+def test_a_lent_array_rewritten_is_staged_as_a_copy_and_said_rewritten(tmp_path: Path) -> None:
+    """Most pages written: a model trained in place. Its next reader had better copy it, and
+    a copy in recycled memory costs less than a region; a page or two written (a data set
+    touched up) stays a region, lent on."""
+    store = _open(tmp_path)
+    original = _array()
+    digest, stage = _staged_put(store, original)
+    with store.reading(stage.objects):
+        touched = np.frombuffer(store.get_private(digest), dtype=np.float64)  # type: ignore[arg-type]
+        rewritten = np.frombuffer(store.get_private(digest), dtype=np.float64)  # type: ignore[arg-type]
+    touched[::100_000] += 1.0  # 8 of ~6,000 pages
+    rewritten *= 0.5
+    assert 0 < resident.written_share(memoryview(touched).cast("B")) < 0.01
+    assert resident.written_share(memoryview(rewritten).cast("B")) == 1.0
+
+    _, little = _staged_put(store, touched, known=set(stage.objects))
+    assert little.rewritten == set()
+    assert all(v.region is not None for v in little.objects.values() if isinstance(v, RawLeaf))
+
+    halved, much = _staged_put(store, rewritten, known=set(stage.objects))
+    assert much.rewritten == {blob_key(digest)}
+    leaves = [v for v in much.objects.values() if isinstance(v, RawLeaf)]
+    assert leaves and all(v.region is None for v in leaves)
+    store.write_staged(much.objects)
+    out = np.empty_like(original)
+    store.get_into(halved, out)
+    assert np.array_equal(out, original * 0.5)
+
+
 def test_put_back_elsewhere_is_hashed_and_staged_again(tmp_path: Path) -> None:
     """A writer that did not stage the region (another run) cannot name it unwritten."""
     store = _open(tmp_path)
