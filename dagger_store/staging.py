@@ -16,8 +16,9 @@ exactly what a process reading the store would see, without the storage or a sec
 A large array is staged as ``RawLeaf``s of one copy: a sealed ``Region`` (``resident.py``) where
 memory files can be sealed, which a child then maps copy-on-write instead of copying, and puts
 back unwritten without hashing it again; or recycled memory (``recycled.py``) for an array that
-a recipe rewrote after loading it from its parent: its children will most likely rewrite it
-too, and a copy into pages in place costs a tenth of a new region's.
+a recipe rewrote after loading it from its parent (a copy, or a lent array most of whose pages
+it wrote): its children will most likely rewrite it too, and a copy into pages in place costs
+a fifth of a new region's.
 
 Both are context variables: each thread (a threaded scheduler's task) has its own.
 """
