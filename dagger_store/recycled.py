@@ -77,6 +77,25 @@ def buffer(size: int) -> Any:
     return lease
 
 
+def copy(view: memoryview) -> memoryview:
+    """A copy of the bytes of ``view`` (C-contiguous, at least ``RECYCLE_FROM`` long) in
+    memory of its own: a recycled buffer, or where there is none a new anonymous mapping (no
+    heap: a stream of megabyte-sized copies would leave the process's resident size far
+    above what it holds). A writable ``view`` is copied without holding the GIL: the other
+    threads of a stage hash meanwhile."""
+    size = view.nbytes
+    out = memoryview(buffer(size) if AVAILABLE else mmap.mmap(-1, size)).cast("B")
+    if view.readonly:
+        out[:] = view
+    else:
+        ctypes.memmove(_address(out), _address(view), size)
+    return out
+
+
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
 def leased(value: object) -> bool:
     """Whether ``value`` (an array, a view of one, a memoryview) lies on a recycled buffer."""
     for _ in range(_BASES_SEARCHED):

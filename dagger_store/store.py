@@ -310,7 +310,7 @@ class Store:
             region.seal(top, digests)
             copy = region.view()
         else:  # rewritten, no regions here, or too many alive
-            copy = _recycled_copy(view)
+            copy = recycled.copy(view)
         for key, staged in _raw_objects(copy, top, digests, region).items():
             if _stages(stage, key):
                 stage.objects[key] = staged
@@ -1040,17 +1040,6 @@ def _folder(key: str) -> str:
 def _staged_copy(head: bytes, leaf: memoryview) -> bytes:
     """``head + leaf``: a small leaf's object, in memory of its own."""
     return b"".join((head, leaf))
-
-
-def _recycled_copy(view: memoryview) -> memoryview:
-    """A copy of a large buffer in memory of its own: recycled where it can be, else a new
-    anonymous mapping (no heap: a run's stream of megabyte-sized copies would leave the
-    process's resident size far above what it holds)."""
-    size = len(view)
-    memory = recycled.buffer(size) if recycled.AVAILABLE else mmap.mmap(-1, size)
-    copy = memoryview(memory).cast("B")
-    copy[:] = view
-    return copy
 
 
 def _raw_objects(

@@ -78,6 +78,16 @@ def test_the_idle_memory_is_bounded() -> None:
     assert recycled._pool.idle_bytes <= recycled.POOL_BYTES
 
 
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_copy_is_the_bytes_on_memory_of_its_own(readonly: bool) -> None:
+    source = np.random.default_rng(3).integers(0, 256, 3 * 2**20 + 5, dtype=np.uint8)
+    expected = source.tobytes()
+    copied = recycled.copy(memoryview(expected if readonly else source))
+    assert recycled.leased(copied) and bytes(copied) == expected
+    source[:] = 0  # the original changes; the copy does not
+    assert bytes(copied) == expected
+
+
 def _write_in_child(array: np.ndarray[Any, Any]) -> None:
     array[:] = 7
 
