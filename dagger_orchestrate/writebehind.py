@@ -13,12 +13,12 @@ A child computed meanwhile reads its parent's state from the staged objects
 process reading the store would see. A node's manifest is kept while it has readers to come
 (its children and Function calls in the plan). Its objects are kept until they are written;
 after that, only large arrays staged whole (in sealed regions, ``dagger_store.resident``, or in
-recycled memory) and small objects stay, while a node with readers to come names them: children
-map an array in a region copy-on-write instead of copying it, and name it again without
-hashing it if they leave it unwritten, so a data set that every node carries is held once and
-never copied. The rest is read back from the store. Memory stays within about three states: the one
-computing, the staged objects of its parent, those being written (``PENDING_BYTES``), with the
-regions shared among them.
+recycled memory) and small objects stay, while a node with readers to come names them:
+children map an array in a region copy-on-write instead of copying it, and name it again
+without hashing it if they leave it unwritten, so a data set that every node carries is held
+once and never copied. The rest is read back from the store. Memory stays within about three
+states: the one computing, the staged objects of its parent, those being written
+(``PENDING_BYTES``), with the regions shared among them.
 
 Order and failures: groups are written in submission order, and a node is submitted after its
 parent. A node whose parent this run failed to write is not written (Skipped). A group that

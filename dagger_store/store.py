@@ -329,7 +329,7 @@ class Store:
             if _stages(stage, key):
                 # Raw and ours (the caller may mutate its buffer): a child reads it back with
                 # one copy, and the writer compresses it (``write_staged``), off this thread.
-                stage.objects[key] = _staged_copy(framing.header(Framing.RAW), leaf)
+                stage.objects[key] = b"".join((framing.header(Framing.RAW), leaf))
             return digest
         # Content found present is touched (refresh): it may be old and unreferenced, and the
         # touch gives it a garbage collector's grace period until our manifest names it.
@@ -1035,11 +1035,6 @@ def _size(parts: Sequence[Buffer]) -> int:
 
 def _folder(key: str) -> str:
     return key.rpartition("/")[0]
-
-
-def _staged_copy(head: bytes, leaf: memoryview) -> bytes:
-    """``head + leaf``: a small leaf's object, in memory of its own."""
-    return b"".join((head, leaf))
 
 
 def _raw_objects(
