@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,6 +47,14 @@ def _staged_put(store: ds.Store, value: object, known: set[str] | None = None): 
     return digest, stage
 
 
+def _lent(store: ds.Store, stage: Any, digest: ds.Digest, count: int) -> list[np.ndarray]:
+    """``count`` arrays lent out of the region ``stage`` staged blob ``digest`` in."""
+    with store.reading(stage.objects):
+        mapped = [store.get_private(digest) for _ in range(count)]
+    assert all(m is not None for m in mapped)
+    return [np.frombuffer(m, dtype=np.float64) for m in mapped]  # type: ignore[arg-type]
+
+
 def test_a_staged_array_is_lent_copy_on_write_and_put_back_unchanged_without_hashing(
     tmp_path: Path, hashed_leaves: list[int]
 ) -> None:
@@ -72,9 +81,7 @@ def test_a_lent_array_changed_in_one_place_is_hashed_and_stored_as_it_now_is(
     store = _open(tmp_path)
     original = _array()
     digest, stage = _staged_put(store, original)
-    with store.reading(stage.objects):
-        mine = np.frombuffer(store.get_private(digest), dtype=np.float64)  # type: ignore[arg-type]
-        sibling = np.frombuffer(store.get_private(digest), dtype=np.float64)  # type: ignore[arg-type]
+    mine, sibling = _lent(store, stage, digest, 2)
     mine[len(mine) // 2] = 42.0  # one page written
     assert sibling[len(mine) // 2] != 42.0 and np.array_equal(sibling, original)
     changed, second = _staged_put(store, mine, known=set(stage.objects))
@@ -113,10 +120,8 @@ def test_a_lent_array_rewritten_is_staged_as_a_copy_and_said_rewritten(tmp_path:
     store = _open(tmp_path)
     original = _array()
     digest, stage = _staged_put(store, original)
-    with store.reading(stage.objects):
-        touched = np.frombuffer(store.get_private(digest), dtype=np.float64)  # type: ignore[arg-type]
-        rewritten = np.frombuffer(store.get_private(digest), dtype=np.float64)  # type: ignore[arg-type]
-    touched[::100_000] += 1.0  # 8 of ~6,000 pages
+    touched, rewritten = _lent(store, stage, digest, 2)
+    touched[::100_000] += 1.0  # 32 of ~6,100 pages
     rewritten *= 0.5
     assert 0 < resident.written_share(memoryview(touched).cast("B")) < 0.01
     assert resident.written_share(memoryview(rewritten).cast("B")) == 1.0
