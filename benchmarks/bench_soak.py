@@ -35,7 +35,9 @@ the collaborator. An execution of a node is then one of:
   the bar, counted by cause;
 - a recomputation after the collector deleted the node's manifest while no record named it
   (the throwaway experiments): legitimate, that is what deleting an experiment is for, and the
-  collector's log proves the deletion happened before this execution started;
+  collector's log proves the deletion happened before this execution started (the time the
+  call that deleted the manifest returned: a collection goes on to the blobs after, and a
+  recomputation may start before it ends);
 - redundant: the node had been committed by an earlier execution and no deletion explains it
   (two collaborators computing one node at once, a committed node that lost a blob, a
   referenced manifest deleted). That is a defect, and the bar is zero.
@@ -77,7 +79,7 @@ import numpy as np
 
 import dagger_orchestrate as dg
 import dagger_store as ds
-from dagger_store import faultproxy, gc, records
+from dagger_store import faultproxy, gc, layout, records
 
 COLLABORATORS = "ABC"
 RUNS = 5
@@ -284,9 +286,39 @@ def collaborate(who: int, work: Path, store_url: str, options: dict[str, Any]) -
     out.close()
 
 
+def timing_deletions(backend: Any) -> dict[str, float]:
+    """Wrap ``backend``'s deletions (this program's own instance): node hex -> when the call
+    that deleted its manifest returned. A collection deletes manifests first, blobs after:
+    its end is later than the deletion a recomputation may rightly follow."""
+    deleted_at: dict[str, float] = {}
+
+    def note(keys: list[str], done: list[bool]) -> None:
+        now = time.time()
+        for key, ok in zip(keys, done, strict=True):
+            node = layout.manifest_node(key) if ok and key.startswith(layout.MANIFESTS) else None
+            if node is not None:
+                deleted_at.setdefault(node.hex, now)
+
+    real_delete, real_delete_many = backend.delete, backend.delete_many
+
+    def delete(key: str, **options: Any) -> bool:
+        done: bool = real_delete(key, **options)
+        note([key], [done])
+        return done
+
+    def delete_many(keys: list[str], **options: Any) -> list[bool]:
+        done: list[bool] = real_delete_many(keys, **options)
+        note(list(keys), done)
+        return done
+
+    backend.delete, backend.delete_many = delete, delete_many
+    return deleted_at
+
+
 def collector(work: Path, store_url: str, options: dict[str, Any], every: float) -> None:
     """The collector's program: a collection every ``every`` seconds until told to stop."""
     store = ds.open_store(store_url, storage_options=options)
+    deleted_at = timing_deletions(store.backend)
     stop = work / "stop"
     with open(work / "collections.jsonl", "a") as out:
         while not stop.exists():
@@ -306,6 +338,7 @@ def collector(work: Path, store_url: str, options: dict[str, Any], every: float)
                 report = gc.collect(store, grace=GRACE, keep_recent=0, dry_run=False)
                 entry.update(
                     manifests=[k.hex for k in report.manifests],
+                    deleted_at={k.hex: deleted_at[k.hex] for k in report.manifests},
                     blobs=len(report.blobs),
                     bytes=report.deleted_bytes,
                     problems=list(report.problems),
@@ -341,10 +374,10 @@ def classify(
             outcome[(*where, key)] = "committed"
         for key in a["failed"] or []:
             outcome[(*where, key)] = "failed:" + ",".join(sorted(set(a["causes"])))
-    deleted: dict[str, list[float]] = defaultdict(list)
+    deleted: dict[str, list[float]] = defaultdict(list)  # node hex -> its manifest deleted
     for c in collections:
         for key in c.get("manifests", []):
-            deleted[key].append(c["ended"])
+            deleted[key].append(c["deleted_at"][key])
     by_key: dict[str, list[tuple[float, str, int, int]]] = defaultdict(list)
     for when, _, experiment, run, attempt, key in executions:
         by_key[key].append((when, experiment, run, attempt))
