@@ -103,7 +103,7 @@ class ManifestMemo:
     def remember(self, path: str, identity: Identity, payload: bytes) -> None:
         """``payload``, verified, read from the file at ``path`` with ``identity`` (whose third
         field is its modification time in ns): kept once the file is old enough."""
-        if identity[2] < time.time_ns() - SETTLE_NS:
+        if _settled(identity):
             self.entries[path] = (identity, payload)
             self.changed = True
 
@@ -121,7 +121,7 @@ class ManifestMemo:
         """``folder`` had ``identity`` before it was listed, and every manifest remembered in
         it is its node's newest (the caller forgot the others): kept once the folder is old
         enough, as a file is."""
-        if identity[2] < time.time_ns() - SETTLE_NS and self.folders.get(folder) != identity:
+        if _settled(identity) and self.folders.get(folder) != identity:
             self.folders[folder] = identity
             self.changed = True
 
@@ -146,3 +146,9 @@ class ManifestMemo:
                 os.unlink(old)
         except OSError as exc:
             logger.info("manifest memo for %s not saved (%s)", self.url, exc)
+
+
+def _settled(identity: Identity) -> bool:
+    """Whether the file or folder with ``identity`` (third field: its modification time in
+    ns) was last changed ``SETTLE_NS`` or more ago by this host's clock."""
+    return identity[2] < time.time_ns() - SETTLE_NS

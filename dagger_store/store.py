@@ -62,6 +62,7 @@ from dagger_store.backends.base import (
     SupportsIdentity,
     SupportsReadInto,
     SupportsWriteMany,
+    parts_size,
     refresh,
     write_or_refresh,
 )
@@ -585,7 +586,7 @@ class Store:
     ) -> list[bool]:
         many = self.backend
         if isinstance(many, SupportsWriteMany):
-            if sum(1 for _, parts in items if _size(parts) >= _SPLIT_FROM) < 2:
+            if sum(1 for _, parts in items if parts_size(parts) >= _SPLIT_FROM) < 2:
                 return many.write_once_many(items, durable=durable)
             # Large objects: two halves side by side, each a durable group of its own. The
             # disk takes them no faster, but one half's file creation and copying run while
@@ -1027,10 +1028,6 @@ class Store:
         if len(items) <= 1:
             return [fn(item) for item in items]
         return list(self._pool.map(fn, items))
-
-
-def _size(parts: Sequence[Buffer]) -> int:
-    return sum(memoryview(part).nbytes for part in parts)
 
 
 def _folder(key: str) -> str:

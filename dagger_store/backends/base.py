@@ -235,6 +235,11 @@ class SupportsScratch(Protocol):
         ...
 
 
+def parts_size(parts: Sequence[Buffer]) -> int:
+    """The bytes of an object written as ``parts``."""
+    return sum(memoryview(part).nbytes for part in parts)
+
+
 def fill(readinto: Callable[[memoryview], int | None], out: memoryview) -> int:
     """Call ``readinto`` until ``out`` is full or the source ends; how many bytes were read.
 

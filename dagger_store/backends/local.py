@@ -31,7 +31,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from dagger_store.backends import directio
-from dagger_store.backends.base import Buffer, Entry, check_key, fill
+from dagger_store.backends.base import Buffer, Entry, check_key, fill, parts_size
 from dagger_store.errors import (
     BackendError,
     InvalidKeyError,
@@ -228,7 +228,7 @@ class LocalBackend:
         fd, tmp = self._new_temp()
         try:
             try:
-                size = sum(memoryview(part).nbytes for part in parts)
+                size = parts_size(parts)
                 direct = self._written_directly(fd, parts, size)
                 if not direct:
                     for part in parts:
